@@ -1,0 +1,123 @@
+"""``teams-rl``: the command line of every stage.
+
+    teams-rl models prepare                      # one-time conversion of embedded models
+    teams-rl serve --config configs/demo.yaml    # role applications on Ray Serve
+    teams-rl serve --config configs/demo.yaml --emit-config serve_config.yaml
+
+Every command takes ``--config FILE`` and any number of ``--set key=value`` overrides;
+an invalid config stops the command before Ray starts, naming the field.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from rl_system.config import ConfigError, TeamsRLConfig, load_config
+
+logger = logging.getLogger("teams_rl")
+
+
+def _config_options(fn):
+    fn = click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help="Override a config key, e.g. --set serve.max_batch_size=4 (repeatable).",
+    )(fn)
+    fn = click.option(
+        "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+        help="Run config YAML (default: built-in defaults).",
+    )(fn)
+    return fn
+
+
+def _load(config_path: str | None, overrides: tuple[str, ...]) -> TeamsRLConfig:
+    try:
+        return load_config(config_path, list(overrides))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except ConnectionError as exc:
+        raise click.ClickException(f"cannot reach the Ray cluster at {address}: {exc}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """TeaMs-RL on Ray: RL-guided instruction data, one SFT, no RLHF."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@main.group()
+def models() -> None:
+    """Model references and the embedded models."""
+
+
+@models.command("prepare")
+def models_prepare() -> None:
+    """Convert the embedded GGUF model once to a cached safetensors directory."""
+    from rl_system.models import ModelNotFoundError, prepare_all
+
+    try:
+        for name, path in prepare_all(log=click.echo).items():
+            click.echo(f"embedded:{name} -> {path}")
+    except ModelNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command("serve")
+@_config_options
+@click.option("--address", default=None, help="Ray cluster address (default: start locally).")
+@click.option(
+    "--emit-config", type=click.Path(dir_okay=False), default=None,
+    help="Write a Serve config YAML (for `serve run` / `serve deploy`) and exit.",
+)
+def serve_command(
+    config_path: str | None, overrides: tuple[str, ...], address: str | None, emit_config: str | None
+) -> None:
+    """Deploy the instructor, reviewer and expert roles and serve until interrupted."""
+    import yaml
+
+    cfg = _load(config_path, overrides)
+    if emit_config:
+        from serve.app import serve_config
+
+        Path(emit_config).write_text(yaml.safe_dump(serve_config(cfg), sort_keys=False))
+        click.echo(f"wrote {emit_config}; deploy it with: serve deploy {emit_config}")
+        return
+
+    import ray
+    from ray import serve
+
+    from serve.app import deploy
+
+    _init_ray(address)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        url = deploy(cfg)
+        auth = "on (Authorization: Bearer $TEAMS_RL_API_KEY)" if cfg.serve.api_key else "off"
+        click.echo(f"serving roles at {url}  (auth {auth}); Ctrl-C to stop")
+        stop.wait()
+    finally:
+        click.echo("shutting down Serve ...")
+        serve.shutdown()
+        ray.shutdown()
+
+
+def run() -> None:  # pragma: no cover - console entry
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Run configuration: one validated pydantic tree for every stage.
+
+Load a YAML file and apply dotted overrides from the command line::
+
+    cfg = load_config("configs/demo.yaml", ["serve.max_batch_size=4", "run.name=try2"])
+
+Every default lives here. An invalid file or override raises ``ConfigError`` naming the
+field path and the reason, before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
+EMBEDDED_ENCODER = "embedded:all-minilm-l6-v2"
+API_KEY_ENV = "TEAMS_RL_API_KEY"
+
+ROLES = ("instructor", "reviewer", "expert")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the field and the fix."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos far more often than intent: refuse them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplingConfig(_Section):
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_tokens: int = Field(128, ge=1, le=32768, description="New tokens per completion.")
+
+
+class ModelRoleConfig(_Section):
+    """How one role (instructor, reviewer, expert) is served and reached."""
+
+    backend: Literal["transformers", "vllm", "openai", "scripted"] = Field(
+        "transformers",
+        description="transformers: our LLMServer (CPU/GPU); vllm: Ray Serve LLM on GPUs; "
+        "openai: an external OpenAI-compatible endpoint; scripted: algorithm tests only.",
+    )
+    model: str = Field(EMBEDDED_LLM, description="embedded:<name>, HF model id or local path.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    base_url: str | None = Field(
+        None, description="openai backend: endpoint such as https://api.openai.com/v1."
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="openai backend: environment variable holding the key."
+    )
+    score_mode: Literal["auto", "echo", "top_logprobs"] = Field(
+        "auto",
+        description="How score() works over HTTP: echo = completions with echo+logprobs "
+        "(vLLM, our ingress); top_logprobs = first answer token (the OpenAI API).",
+    )
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
+    max_retries: int = Field(3, ge=0, le=20)
+    requests_per_minute: float | None = Field(None, gt=0, description="Client-side rate limit.")
+    script: dict[str, Any] = Field(
+        default_factory=dict, description="scripted backend only: its deterministic rules."
+    )
+
+    @property
+    def deployment_name(self) -> str:
+        """Serve deployment for this role; roles with the same backend and model share one."""
+        slug = "".join(c if c.isalnum() else "-" for c in self.model.split(":")[-1].lower())
+        return f"llm-{self.backend}-{slug.strip('-')}"[:60]
+
+
+class ModelsConfig(_Section):
+    instructor: ModelRoleConfig = Field(default_factory=ModelRoleConfig)
+    reviewer: ModelRoleConfig = Field(
+        default_factory=lambda: ModelRoleConfig(sampling=SamplingConfig(temperature=0.0))
+    )
+    expert: ModelRoleConfig = Field(default_factory=ModelRoleConfig)
+    encoder: str = Field(EMBEDDED_ENCODER, description="Sentence-embedding model.")
+
+    def role(self, name: str) -> ModelRoleConfig:
+        if name not in ROLES:
+            raise ConfigError(f"models.{name}: unknown role; expected one of {', '.join(ROLES)}")
+        return getattr(self, name)
+
+
+class AutoscalingConfig(_Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = Field("teams-rl", description="Serve application holding every role.")
+    api_key: SecretStr | None = Field(
+        None, description=f"Bearer token for the HTTP ingress; also read from ${API_KEY_ENV}."
+    )
+    max_batch_size: int = Field(8, ge=1, le=512, description="Dynamic batching per replica.")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, le=10)
+    max_ongoing_requests: int = Field(64, ge=1)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per LLM replica.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per LLM replica.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Server-side limit per request.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads per CPU replica (default: num_cpus)."
+    )
+
+    @model_validator(mode="after")
+    def _key_from_env(self) -> ServeConfig:
+        if self.api_key is None and os.environ.get(API_KEY_ENV):
+            # Bypass validate_assignment recursion; the value is a plain secret.
+            object.__setattr__(self, "api_key", SecretStr(os.environ[API_KEY_ENV]))
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+
+class PolicyConfig(_Section):
+    algorithm: Literal["trpo", "ppo"] = "trpo"
+    num_env_runners: int = Field(2, ge=0)
+    num_envs_per_env_runner: int = Field(1, ge=1)
+    iterations: int = Field(10, ge=0)
+    max_steps: int = Field(6, ge=1, le=64, description="Evolution steps per episode (paper: 6).")
+    observation: Literal["action_history", "embedding"] = "action_history"
+    action_space: Literal["discrete", "continuous"] = "discrete"
+    train_batch_size: int = Field(60, ge=1, description="Env steps per TRPO update.")
+    sample_timeout_s: float = Field(600.0, gt=0, description="See DESIGN §6 (slow env steps).")
+    gamma: float = Field(0.995, gt=0, le=1)
+    gae_lambda: float = Field(0.97, ge=0, le=1)
+    max_kl: float = Field(0.01, gt=0)
+    damping: float = Field(0.1, ge=0)
+    cg_iters: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class DatasetConfig(_Section):
+    seeds: str = Field("data/seed_instructions.jsonl", description="JSONL / JSON / parquet.")
+    strategy: Literal["policy", "wizardlm", "random"] = "policy"
+    num_seeds: int | None = Field(None, ge=1, description="Use the first N seeds; None = all.")
+    skip_bad_lines: bool = Field(False, description="Skip (and count) malformed seed lines.")
+    max_expert_queries: int | None = Field(None, ge=1, description="Budget; stops resumably.")
+    dedupe_threshold: float = Field(0.95, gt=0, le=1, description="Embedding cosine cut-off.")
+
+
+class SFTConfig(_Section):
+    base_model: str = EMBEDDED_LLM
+    num_workers: int = Field(2, ge=1)
+    strategy: Literal["fsdp", "ddp"] = "fsdp"
+    use_gpu: bool = False
+    max_seq_len: int = Field(512, ge=16)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size_per_worker: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-5, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    packing: bool = False
+    activation_checkpointing: bool = False
+    eval_every_steps: int = Field(50, ge=1)
+    checkpoint_every_steps: int = Field(50, ge=1)
+    max_failures: int = Field(1, ge=0)
+    seed: int = 0
+
+
+class EvalConfig(_Section):
+    tasks: list[str] = Field(default_factory=lambda: ["arc_easy", "arc_challenge", "hellaswag"])
+    num_fewshot: int = Field(0, ge=0)
+    limit: int | None = Field(None, ge=1)
+
+
+class RunConfig(_Section):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    dir: str = Field("runs", description="Parent of every run directory (relative = cwd).")
+
+
+class TeamsRLConfig(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """Plain data for YAML/JSON, with secrets masked (never written in clear)."""
+        return self.model_dump(mode="json")
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections, for resume keys and manifests."""
+        data = self.model_dump(mode="json", include=set(sections) or None)
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see configs/demo.yaml for valid keys)"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"serve.max_batch_size=4"`` -> ``("serve.max_batch_size", 4)``; values parse as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. serve.max_batch_size=4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from None
+    return key, value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> TeamsRLConfig:
+    """Read YAML (or start from defaults), apply ``key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        data = loaded or {}
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+        source += f" + --set {key}"
+    try:
+        return TeamsRLConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def save_resolved(cfg: TeamsRLConfig, path: Path) -> None:
+    """Write the config as resolved; secrets are masked by pydantic's SecretStr."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))

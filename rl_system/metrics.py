@@ -1,0 +1,64 @@
+"""Ray metrics shared by every stage; names start with ``teams_rl_`` (DESIGN §5).
+
+Metric objects are created on first use in the process that records them (an actor, a
+Serve replica, the driver), never at import. They appear on each node's Prometheus
+endpoint and in the Grafana dashboard under ``cluster/grafana/``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from types import SimpleNamespace
+
+LATENCY_BOUNDARIES_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
+
+
+@lru_cache(maxsize=1)
+def llm_metrics() -> SimpleNamespace:
+    """Server-side counters of ``LLMServer`` replicas, tagged by deployment and role."""
+    from ray.util.metrics import Counter, Histogram
+
+    return SimpleNamespace(
+        requests=Counter(
+            "teams_rl_llm_requests_total",
+            description="LLM requests served, by outcome.",
+            tag_keys=("deployment", "role", "kind", "status"),
+        ),
+        tokens=Counter(
+            "teams_rl_llm_tokens_total",
+            description="Tokens processed by LLM replicas.",
+            tag_keys=("deployment", "role", "type"),
+        ),
+        latency=Histogram(
+            "teams_rl_llm_latency_s",
+            description="Time from request arrival to answer, seconds.",
+            boundaries=LATENCY_BOUNDARIES_S,
+            tag_keys=("deployment", "kind"),
+        ),
+        batch_size=Histogram(
+            "teams_rl_llm_batch_size",
+            description="Requests per dynamic batch.",
+            boundaries=BATCH_BOUNDARIES,
+            tag_keys=("deployment", "kind"),
+        ),
+    )
+
+
+@lru_cache(maxsize=1)
+def client_metrics() -> SimpleNamespace:
+    """Caller-side query accounting of ``LLMClient``, by role (what the run paid for)."""
+    from ray.util.metrics import Counter
+
+    return SimpleNamespace(
+        queries=Counter(
+            "teams_rl_queries_total",
+            description="Model queries made, by role and outcome.",
+            tag_keys=("role", "status"),
+        ),
+        tokens=Counter(
+            "teams_rl_query_tokens_total",
+            description="Prompt and completion tokens of model queries, by role.",
+            tag_keys=("role", "type"),
+        ),
+    )

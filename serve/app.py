@@ -1,0 +1,176 @@
+"""Build the role applications from a run config, deploy them, or write a Serve config.
+
+One Serve application (``serve.app_name``, route ``/``) holds an ``LLMServer`` deployment
+per distinct (backend, model) among the roles plus the OpenAI-compatible ingress.
+Roles on ``vllm`` go to a Ray Serve LLM application under ``/vllm``; roles on ``openai``
+call their external endpoint directly and need no deployment.
+
+The same builder serves ``serve run`` / ``serve deploy``::
+
+    teams-rl serve --config configs/demo.yaml --emit-config serve_config.yaml
+    serve deploy serve_config.yaml
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rl_system.config import ROLES, TeamsRLConfig, load_config
+from serve.backends import backend_kwargs
+from serve.backends.vllm_backend import VLLM_ROUTE_PREFIX, build_vllm_app, llm_config_dict
+from serve.deployment import LLMServerSpec
+
+SERVED_IN_LLMSERVER = ("transformers", "scripted")
+
+
+def llm_server_specs(cfg: TeamsRLConfig) -> dict[str, LLMServerSpec]:
+    """One spec per deployment; roles with the same backend and model share it."""
+    specs: dict[str, LLMServerSpec] = {}
+    for role in ROLES:
+        role_cfg = cfg.models.role(role)
+        if role_cfg.backend not in SERVED_IN_LLMSERVER:
+            continue
+        name = role_cfg.deployment_name
+        spec = LLMServerSpec(
+            deployment_name=name,
+            backend=role_cfg.backend,
+            backend_kwargs=backend_kwargs(role_cfg, cfg.serve),
+            max_batch_size=cfg.serve.max_batch_size,
+            batch_wait_timeout_s=cfg.serve.batch_wait_timeout_s,
+            request_timeout_s=cfg.serve.request_timeout_s,
+        )
+        if name in specs and specs[name] != spec:
+            raise ValueError(
+                f"models.{role}: shares deployment {name} with another role but differs in "
+                "its script; give it a different model name"
+            )
+        specs[name] = spec
+    return specs
+
+
+def deployment_options(cfg: TeamsRLConfig) -> dict[str, Any]:
+    auto = cfg.serve.autoscaling
+    return {
+        "ray_actor_options": {"num_cpus": cfg.serve.num_cpus, "num_gpus": cfg.serve.num_gpus},
+        "autoscaling_config": {
+            "min_replicas": auto.min_replicas,
+            "initial_replicas": max(auto.min_replicas, 1),
+            "max_replicas": auto.max_replicas,
+            "target_ongoing_requests": auto.target_ongoing_requests,
+            "upscale_delay_s": auto.upscale_delay_s,
+            "downscale_delay_s": auto.downscale_delay_s,
+            "metrics_interval_s": 1.0,
+            "look_back_period_s": 5.0,
+        },
+        "max_ongoing_requests": cfg.serve.max_ongoing_requests,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+    }
+
+
+def routes(cfg: TeamsRLConfig) -> dict[str, str]:
+    """Ingress routing: a role name or a model reference -> deployment name."""
+    table: dict[str, str] = {}
+    for role in ROLES:
+        role_cfg = cfg.models.role(role)
+        if role_cfg.backend in SERVED_IN_LLMSERVER:
+            table[role] = role_cfg.deployment_name
+            table.setdefault(role_cfg.model, role_cfg.deployment_name)
+    return table
+
+
+def build_app(cfg: TeamsRLConfig):
+    """The main application: LLMServer deployments behind the OpenAI ingress."""
+    from ray import serve
+
+    from serve.deployment import LLMServer
+    from serve.openai_api import OpenAIIngress
+
+    options = deployment_options(cfg)
+    servers = {
+        name: serve.deployment(LLMServer).options(name=name, **options).bind(spec)
+        for name, spec in llm_server_specs(cfg).items()
+    }
+    api_key = cfg.serve.api_key.get_secret_value() if cfg.serve.api_key else None
+    return OpenAIIngress.bind(servers, routes(cfg), api_key=api_key)
+
+
+def vllm_llm_configs(cfg: TeamsRLConfig) -> list[dict[str, Any]]:
+    from rl_system.models import resolve_model
+
+    seen, configs = set(), []
+    for role in ROLES:
+        role_cfg = cfg.models.role(role)
+        if role_cfg.backend == "vllm" and role_cfg.model not in seen:
+            seen.add(role_cfg.model)
+            configs.append(
+                llm_config_dict(
+                    model=role_cfg.model,
+                    model_source=resolve_model(role_cfg.model, prepare=False),
+                    serve_cfg=cfg.serve,
+                )
+            )
+    return configs
+
+
+def app_builder(args: dict[str, Any]):
+    """Entry for Serve config files: ``import_path: serve.app:app_builder``.
+
+    ``args`` holds either ``config`` (the run config as a mapping) or ``config_path``
+    plus optional ``overrides``. The API key comes from ``$TEAMS_RL_API_KEY``.
+    """
+    if "config" in args:
+        cfg = TeamsRLConfig.model_validate(args["config"])
+    else:
+        cfg = load_config(args["config_path"], list(args.get("overrides", [])))
+    return build_app(cfg)
+
+
+def serve_config(cfg: TeamsRLConfig) -> dict[str, Any]:
+    """A Serve config (``ServeDeploySchema``) equivalent to ``teams-rl serve``.
+
+    The API key is never written: set ``TEAMS_RL_API_KEY`` in the cluster's environment.
+    """
+    config = cfg.model_dump(mode="json")
+    config["serve"].pop("api_key", None)
+    applications = [
+        {
+            "name": cfg.serve.app_name,
+            "route_prefix": "/",
+            "import_path": "serve.app:app_builder",
+            "args": {"config": config},
+        }
+    ]
+    llm_configs = vllm_llm_configs(cfg)
+    if llm_configs:
+        applications.append(
+            {
+                "name": f"{cfg.serve.app_name}-vllm",
+                "route_prefix": VLLM_ROUTE_PREFIX,
+                "import_path": "ray.serve.llm:build_openai_app",
+                "args": {"llm_configs": llm_configs},
+            }
+        )
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
+        "applications": applications,
+    }
+
+
+def deploy(cfg: TeamsRLConfig) -> str:
+    """Start Serve on the connected Ray cluster and run every role application.
+
+    Returns the ingress base URL once every replica is ready. Ray must be initialised.
+    """
+    from ray import serve
+
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    if llm_server_specs(cfg):
+        serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/", blocking=False)
+    llm_configs = vllm_llm_configs(cfg)
+    if llm_configs:
+        serve.run(build_vllm_app(llm_configs), name=f"{cfg.serve.app_name}-vllm",
+                  route_prefix=VLLM_ROUTE_PREFIX, blocking=False)
+    return cfg.serve.base_url
+

@@ -1,0 +1,115 @@
+"""A deterministic backend for algorithm tests and benchmarks; never a default.
+
+Behaviour comes from the role's ``script`` mapping:
+
+- ``rules``: list of ``{"contains": str, "reply": str}``; the first rule whose text
+  occurs in the prompt gives the reply. ``{last_user}`` in a reply is the last user
+  message, ``{instruction}`` the text between the first pair of ``<<<`` / ``>>>``.
+- ``default``: reply when no rule matches (default ``"{last_user}"``).
+- ``score``: ``{"prefer": str, "when_contains": str | None}``; the candidate equal to
+  ``prefer`` gets log-probability -0.05 and the others -3.0 when ``when_contains`` is absent
+  or occurs in the prompt (otherwise the preference is reversed).
+- ``latency_s``: fixed sleep per request (an I/O-bound model, like a remote GPU).
+- ``error``: raise ``BackendError(error)`` on every call (for failure-path tests).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from serve.protocol import (
+    BackendError,
+    Completion,
+    GenerationRequest,
+    ScoreRequest,
+    ScoreResult,
+    TokenLogprobs,
+)
+
+_BRACKETED = re.compile(r"<<<(.*?)>>>", re.S)
+
+
+class ScriptedBackend:
+    def __init__(self, model: str = "scripted", *, script: dict[str, Any] | None = None):
+        self.model_id = model
+        self.script = script or {}
+
+    def load(self) -> None:
+        pass
+
+    def _wait_or_fail(self, n_requests: int) -> None:
+        if self.script.get("error"):
+            raise BackendError(str(self.script["error"]))
+        # One sleep per request even in a batch: a remote API is paid per call.
+        time.sleep(float(self.script.get("latency_s", 0.0)) * n_requests)
+
+    @staticmethod
+    def _prompt_text(request: GenerationRequest | ScoreRequest) -> tuple[str, str]:
+        if getattr(request, "prompt", None) is not None:
+            return request.prompt, request.prompt
+        users = [m.content for m in request.messages if m.role == "user"]
+        text = "\n".join(m.content for m in request.messages)
+        return text, (users[-1] if users else text)
+
+    def _reply(self, request: GenerationRequest) -> str:
+        text, last_user = self._prompt_text(request)
+        match = _BRACKETED.search(text)
+        fields = {"last_user": last_user, "instruction": match.group(1).strip() if match else ""}
+        for rule in self.script.get("rules", []):
+            if rule["contains"] in text:
+                return rule["reply"].format(**fields)
+        return self.script.get("default", "{last_user}").format(**fields)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
+        self._wait_or_fail(len(requests))
+        out = []
+        for r in requests:
+            text = self._reply(r)
+            words = text.split()[: r.max_tokens]
+            out.append(
+                Completion(
+                    text=" ".join(words),
+                    prompt_tokens=len(self._prompt_text(r)[0].split()),
+                    completion_tokens=len(words),
+                    finish_reason="stop",
+                    model=self.model_id,
+                )
+            )
+        return out
+
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        self._wait_or_fail(len(requests))
+        rule = self.script.get("score", {})
+        results = []
+        for r in requests:
+            text, _ = self._prompt_text(r)
+            cond = rule.get("when_contains")
+            prefer = rule.get("prefer")
+            active = cond is None or cond in text
+            logprobs = [
+                (-0.05 if (c == prefer) == active else -3.0) if prefer else -1.0
+                for c in r.candidates
+            ]
+            results.append(ScoreResult(logprobs=logprobs, prompt_tokens=len(text.split())))
+        return results
+
+    def token_logprobs(self, texts: list[str]) -> list[TokenLogprobs]:
+        self._wait_or_fail(len(texts))
+        out = []
+        for t in texts:
+            words = t.split(" ")
+            offsets, pos = [], 0
+            for w in words:
+                offsets.append(pos)
+                pos += len(w) + 1
+            out.append(
+                TokenLogprobs(
+                    tokens=words, logprobs=[None] + [-1.0] * (len(words) - 1), text_offsets=offsets
+                )
+            )
+        return out
+
+    def check_health(self) -> None:
+        pass

@@ -1,0 +1,131 @@
+"""``LLMServer``: one Serve deployment per (backend, model), shared by the roles using it.
+
+Requests from many callers (env runners, Ray Data workers, the HTTP ingress) are grouped
+by ``@serve.batch`` into one backend call; the backend runs in a worker thread so the
+replica keeps answering health checks and queueing requests while a batch computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import serve
+
+from serve.protocol import (
+    BackendError,
+    BackendTimeoutError,
+    Completion,
+    GenerationRequest,
+    ScoreRequest,
+    ScoreResult,
+    TokenLogprobs,
+)
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class LLMServerSpec:
+    """Everything a replica needs to build its backend; plain data, cheap to pickle."""
+
+    deployment_name: str
+    backend: str
+    backend_kwargs: dict[str, Any]
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.05
+    request_timeout_s: float = 120.0
+    max_new_tokens_limit: int = 4096
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LLMServer:
+    def __init__(self, spec: LLMServerSpec):
+        from rl_system.metrics import llm_metrics
+        from serve.backends import build_backend
+
+        self.spec = spec
+        self.backend = build_backend(spec.backend, **spec.backend_kwargs)
+        self.backend.load()
+        for method in (self._generate_batch, self._score_batch, self._logprobs_batch):
+            method.set_max_batch_size(spec.max_batch_size)
+            method.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
+        self._metrics = llm_metrics()
+
+    # -- public methods, called through DeploymentHandle ------------------------------
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        if request.max_tokens > self.spec.max_new_tokens_limit:
+            raise BackendError(
+                f"max_tokens {request.max_tokens} exceeds this server's limit "
+                f"{self.spec.max_new_tokens_limit}"
+            )
+        result = await self._timed("generate", request.role, self._generate_batch(request))
+        self._count_tokens(request.role, result.prompt_tokens, result.completion_tokens)
+        return result
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        result = await self._timed("score", request.role, self._score_batch(request))
+        self._count_tokens(request.role, result.prompt_tokens, 0)
+        return result
+
+    async def token_logprobs(self, text: str, role: str = "http") -> TokenLogprobs:
+        return await self._timed("logprobs", role, self._logprobs_batch(text))
+
+    async def model_id(self) -> str:
+        return self.backend.model_id
+
+    def check_health(self) -> None:
+        self.backend.check_health()
+
+    # -- batching ------------------------------------------------------------------------
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _generate_batch(self, requests: list[GenerationRequest]) -> list[Completion]:
+        return await self._run_batch("generate", self.backend.generate, requests)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _score_batch(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        return await self._run_batch("score", self.backend.score, requests)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _logprobs_batch(self, texts: list[str]) -> list[TokenLogprobs]:
+        return await self._run_batch("logprobs", self.backend.token_logprobs, texts)
+
+    async def _run_batch(self, kind: str, fn, items: list) -> list:
+        self._metrics.batch_size.observe(
+            len(items), tags={"deployment": self.spec.deployment_name, "kind": kind}
+        )
+        return await asyncio.to_thread(fn, items)
+
+    # -- accounting --------------------------------------------------------------------
+
+    async def _timed(self, kind: str, role: str, awaitable):
+        tags = {"deployment": self.spec.deployment_name, "role": role, "kind": kind}
+        started = time.monotonic()
+        try:
+            result = await asyncio.wait_for(awaitable, timeout=self.spec.request_timeout_s)
+        except asyncio.TimeoutError:
+            self._metrics.requests.inc(tags={**tags, "status": "timeout"})
+            raise BackendTimeoutError(
+                f"{self.spec.deployment_name}: {kind} took longer than "
+                f"{self.spec.request_timeout_s:.0f} s (serve.request_timeout_s)"
+            ) from None
+        except Exception:
+            self._metrics.requests.inc(tags={**tags, "status": "error"})
+            raise
+        self._metrics.requests.inc(tags={**tags, "status": "ok"})
+        self._metrics.latency.observe(
+            time.monotonic() - started,
+            tags={"deployment": self.spec.deployment_name, "kind": kind},
+        )
+        return result
+
+    def _count_tokens(self, role: str, prompt: int, completion: int) -> None:
+        base = {"deployment": self.spec.deployment_name, "role": role}
+        self._metrics.tokens.inc(prompt, tags={**base, "type": "prompt"})
+        if completion:
+            self._metrics.tokens.inc(completion, tags={**base, "type": "completion"})
