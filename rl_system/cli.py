@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -119,5 +118,5 @@ def serve_command(
         ray.shutdown()
 
 
-def run() -> None:  # pragma: no cover - console entry
-    sys.exit(main())
+if __name__ == "__main__":
+    main()
