@@ -3,6 +3,7 @@
     teams-rl models prepare                      # one-time conversion of embedded models
     teams-rl serve --config configs/demo.yaml    # role applications on Ray Serve
     teams-rl serve --config configs/demo.yaml --emit-config serve_config.yaml
+    teams-rl train-policy --config configs/demo.yaml   # stage 1: RLlib TRPO
 
 Every command takes ``--config FILE`` and any number of ``--set key=value`` overrides;
 an invalid config stops the command before Ray starts, naming the field.
@@ -116,6 +117,32 @@ def serve_command(
         click.echo("shutting down Serve ...")
         serve.shutdown()
         ray.shutdown()
+
+
+@main.command("train-policy")
+@_config_options
+@click.option("--address", default=None, help="Ray cluster address (default: start locally).")
+def train_policy_command(
+    config_path: str | None, overrides: tuple[str, ...], address: str | None
+) -> None:
+    """Stage 1: train the evolution policy (TRPO, or PPO with policy.algorithm=ppo)."""
+    from rl_system.policy import PolicyRunMismatch, load_seed_instructions, train_policy
+    from rl_system.seeds import SeedFileError
+
+    cfg = _load(config_path, overrides)
+    try:
+        load_seed_instructions(cfg)  # bad or empty seeds fail here, before Ray starts
+    except (SeedFileError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _init_ray(address)
+    from serve.app import ensure_deployed
+
+    ensure_deployed(cfg)
+    try:
+        summaries = train_policy(cfg, log=click.echo)
+    except PolicyRunMismatch as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"policy: {len(summaries)} iterations run; outputs in {cfg.stage_dir('policy')}")
 
 
 if __name__ == "__main__":

@@ -131,8 +131,7 @@ def serve_config(cfg: TeamsRLConfig) -> dict[str, Any]:
 
     The API key is never written: set ``TEAMS_RL_API_KEY`` in the cluster's environment.
     """
-    config = cfg.model_dump(mode="json")
-    config["serve"].pop("api_key", None)
+    config = cfg.to_portable_dict()
     applications = [
         {
             "name": cfg.serve.app_name,
@@ -156,6 +155,22 @@ def serve_config(cfg: TeamsRLConfig) -> dict[str, Any]:
         "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
         "applications": applications,
     }
+
+
+def is_deployed(cfg: TeamsRLConfig) -> bool:
+    """Whether the role application already runs on the connected cluster."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(cfg.serve.app_name)
+    except Exception:  # noqa: BLE001 - Serve not started yet
+        return False
+    return app is not None and app.status == "RUNNING"
+
+
+def ensure_deployed(cfg: TeamsRLConfig) -> str:
+    """Deploy the roles unless they already run (a stage reuses a running ``teams-rl serve``)."""
+    return cfg.serve.base_url if is_deployed(cfg) else deploy(cfg)
 
 
 def deploy(cfg: TeamsRLConfig) -> str:

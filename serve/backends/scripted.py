@@ -6,9 +6,10 @@ Behaviour comes from the role's ``script`` mapping:
   occurs in the prompt gives the reply. ``{last_user}`` in a reply is the last user
   message, ``{instruction}`` the text between the first pair of ``<<<`` / ``>>>``.
 - ``default``: reply when no rule matches (default ``"{last_user}"``).
-- ``score``: ``{"prefer": str, "when_contains": str | None}``; the candidate equal to
-  ``prefer`` gets log-probability -0.05 and the others -3.0 when ``when_contains`` is absent
-  or occurs in the prompt (otherwise the preference is reversed).
+- ``score``: ``{"prefer": str, "when_contains": str | None, "when_bracketed_differ": bool}``;
+  the candidate equal to ``prefer`` gets log-probability -0.05 and the others -3.0 when
+  the condition holds (``when_contains`` occurs in the prompt; or the first two
+  ``<<<...>>>`` texts of the prompt differ), otherwise the preference is reversed.
 - ``latency_s``: fixed sleep per request (an I/O-bound model, like a remote GPU).
 - ``error``: raise ``BackendError(error)`` on every call (for failure-path tests).
 """
@@ -85,9 +86,11 @@ class ScriptedBackend:
         results = []
         for r in requests:
             text, _ = self._prompt_text(r)
-            cond = rule.get("when_contains")
             prefer = rule.get("prefer")
-            active = cond is None or cond in text
+            active = rule.get("when_contains") is None or rule["when_contains"] in text
+            if rule.get("when_bracketed_differ"):
+                texts = [t.strip() for t in _BRACKETED.findall(text)[:2]]
+                active = active and len(texts) == 2 and texts[0] != texts[1]
             logprobs = [
                 (-0.05 if (c == prefer) == active else -3.0) if prefer else -1.0
                 for c in r.candidates
