@@ -136,6 +136,25 @@ class ServeConfig(_Section):
         return f"http://{self.host}:{self.port}/v1"
 
 
+class RewardConfig(_Section):
+    """Reward = weighted sum of the reviewer's components (DESIGN §3, Reward)."""
+
+    info_gain_weight: float = Field(
+        1.0, description="Weight of info_gain calibrated against the reviewer's self-pair score."
+    )
+    info_gain_raw_weight: float = Field(0.0, description="Weight of the raw P(not equal).")
+    diversity_weight: float = Field(
+        0.5, description="Weight of embedding distance to the episode's earlier instructions."
+    )
+    query_cost_weight: float = Field(0.0, ge=0, description="Cost per model query of a step.")
+    elimination_penalty: float = Field(0.5, ge=0, description="Subtracted when a rule fires.")
+    failure_penalty: float = Field(0.5, ge=0, description="Subtracted when a model call fails.")
+    min_info_gain: float = Field(
+        0.0, ge=0, lt=1,
+        description="Evolutions whose calibrated info_gain is at most this are eliminated.",
+    )
+
+
 class PolicyConfig(_Section):
     algorithm: Literal["trpo", "ppo"] = "trpo"
     num_env_runners: int = Field(2, ge=0)
@@ -151,6 +170,7 @@ class PolicyConfig(_Section):
     max_kl: float = Field(0.01, gt=0)
     damping: float = Field(0.1, ge=0)
     cg_iters: int = Field(10, ge=1)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     seed: int = 0
 
 
@@ -164,25 +184,62 @@ class DatasetConfig(_Section):
 
 
 class SFTConfig(_Section):
-    base_model: str = EMBEDDED_LLM
-    num_workers: int = Field(2, ge=1)
-    strategy: Literal["fsdp", "ddp"] = "fsdp"
-    use_gpu: bool = False
-    max_seq_len: int = Field(512, ge=16)
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size_per_worker: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-5, gt=0)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    packing: bool = False
-    activation_checkpointing: bool = False
-    eval_every_steps: int = Field(50, ge=1)
-    checkpoint_every_steps: int = Field(50, ge=1)
-    max_failures: int = Field(1, ge=0)
+    """Stage 3: supervised fine-tuning on Ray Train (``train/sft.py``)."""
+
+    base_model: str = Field(EMBEDDED_LLM, description="embedded:<name>, HF model id or local path.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one GPU each with use_gpu).")
+    strategy: Literal["fsdp", "ddp"] = Field(
+        "fsdp",
+        description="fsdp: FSDP2 shards params, grads and optimizer state over workers; "
+        "ddp: every worker holds a full replica.",
+    )
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16; else CPU + gloo.")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs reserved per worker; also its torch intra-op threads."
+    )
+    max_seq_len: int = Field(512, ge=16, description="Tokens per row; longer examples are cut.")
+    packing: bool = Field(False, description="Pack short examples into rows of max_seq_len.")
+    eval_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Records held out for eval_loss; 0 = no eval split."
+    )
+    epochs: int = Field(1, ge=1, description="Passes over the train split (unless max_steps).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    batch_size_per_worker: int = Field(4, ge=1, description="Rows per micro-batch per worker.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per step.")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak AdamW learning rate.")
+    warmup_ratio: float = Field(
+        0.03, ge=0, lt=1, description="Share of steps of linear warm-up before cosine decay."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Clip the global gradient L2 norm.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute decoder-layer activations in backward (less memory)."
+    )
+    log_every_steps: int = Field(1, ge=1, description="Log and ray.train.report every N steps.")
+    eval_every_steps: int = Field(50, ge=1, description="eval_loss every N steps and at the end.")
+    checkpoint_every_steps: int = Field(
+        50, ge=1, description="Sharded (DCP) checkpoint every N steps and at the end."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+    max_failures: int = Field(
+        1, ge=0, description="Worker-group restarts from the latest checkpoint before giving up."
+    )
     seed: int = 0
+    fail_once_at_step: int | None = Field(
+        None,
+        ge=1,
+        description="TEST ONLY: the last worker raises once after this step (a marker file in "
+        "the run dir keeps it to once), to exercise restart from checkpoint. Leave unset.",
+    )
+
+    @model_validator(mode="after")
+    def _failure_injection_needs_retry(self) -> SFTConfig:
+        if self.fail_once_at_step is not None and self.max_failures < 1:
+            raise ValueError(
+                "fail_once_at_step (test only) needs max_failures >= 1, or the injected "
+                "failure ends the run"
+            )
+        return self
 
 
 class EvalConfig(_Section):
@@ -215,6 +272,13 @@ class TeamsRLConfig(_Section):
     def to_yaml_dict(self) -> dict[str, Any]:
         """Plain data for YAML/JSON, with secrets masked (never written in clear)."""
         return self.model_dump(mode="json")
+
+    def to_portable_dict(self) -> dict[str, Any]:
+        """Plain data for other processes (env runners, Serve config files) without any
+        secret: they read the API key from their own environment (``TEAMS_RL_API_KEY``)."""
+        data = self.model_dump(mode="json")
+        data["serve"].pop("api_key", None)
+        return data
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections, for resume keys and manifests."""
