@@ -1,0 +1,61 @@
+"""Stage 1 learns: one action always adds information, the others never do.
+
+The instructor and reviewer are the scripted backend (a deterministic test double,
+only for this algorithm test) served through Serve, reached by the real env and client.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from rl_system.config import load_config
+from rl_system.policy import IterationSummary, algorithm_config, load_seed_instructions
+
+pytestmark = pytest.mark.slow
+
+GOOD_ACTION = "increase_reasoning_steps"
+MAX_ITERATIONS = 25
+TARGET_SHARE = 0.9
+
+
+@pytest.fixture(scope="module")
+def scripted_cfg(serve_port, tmp_path_factory):
+    from ray import serve
+
+    from serve.app import build_app
+
+    cfg = load_config(None, [
+        f"serve.port={serve_port}", "serve.app_name=learning", "serve.batch_wait_timeout_s=0",
+        "models.instructor.backend=scripted", "models.instructor.model=learning",
+        "policy.num_env_runners=2", "policy.train_batch_size=120", "policy.max_kl=0.05",
+        "dataset.num_seeds=30", f"run.dir={tmp_path_factory.mktemp('runs')}",
+    ])
+    cfg.models.instructor.script = {
+        # only the reasoning-steps request adds anything; every other rewrite echoes
+        "rules": [{"contains": "several explicit steps", "reply": "{instruction} Show each step."}],
+        "default": "{instruction}",
+        "score": {"prefer": "Not Equal", "when_bracketed_differ": True},
+    }
+    cfg.models.reviewer = cfg.models.expert = cfg.models.instructor
+    serve.run(build_app(cfg), name="learning", route_prefix="/learning")
+    yield cfg
+    serve.delete("learning")
+
+
+@pytest.mark.parametrize("algorithm", ["trpo", "ppo"])
+def test_policy_learns_the_informative_action(scripted_cfg, algorithm):
+    cfg = scripted_cfg.model_copy(deep=True)
+    cfg.policy.algorithm = algorithm
+    algo = algorithm_config(cfg, load_seed_instructions(cfg)).build_algo()
+    curve = []
+    try:
+        for iteration in range(1, MAX_ITERATIONS + 1):
+            summary = IterationSummary.from_result(iteration, algo.train(), 0.0)
+            curve.append(round(summary.action_share[GOOD_ACTION], 3))
+            if curve[-1] >= TARGET_SHARE:
+                break
+    finally:
+        algo.stop()
+    print(f"{algorithm} share of {GOOD_ACTION} per iteration: {curve}")
+    assert curve[0] < 0.5, "starts near uniform (1/7), not already trained"
+    assert curve[-1] >= TARGET_SHARE, curve
