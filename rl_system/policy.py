@@ -11,6 +11,7 @@ rather than mixed into the old run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,9 +29,6 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
-# Sections whose change makes an existing policy run a different experiment.
-LINEAGE_SECTIONS = ("models", "policy")
-RESUMABLE_KEYS = ("iterations",)  # may grow between runs without a new run directory
 
 
 class PolicyRunMismatch(RuntimeError):
@@ -38,11 +36,13 @@ class PolicyRunMismatch(RuntimeError):
 
 
 def _lineage_hash(cfg: TeamsRLConfig) -> str:
-    data = cfg.model_copy(deep=True)
-    data.policy.iterations = 0
+    data = cfg.to_portable_dict()
+    lineage = {"models": data["models"], "policy": data["policy"]}
+    lineage["policy"].pop("iterations")  # may grow between runs of the same experiment
     for role in ("instructor", "reviewer", "expert"):
-        data.models.role(role).timeout_s = 0.0  # operational, not part of the experiment
-    return data.section_hash(*LINEAGE_SECTIONS)
+        lineage["models"][role].pop("timeout_s")  # operational, not part of the experiment
+    blob = json.dumps(lineage, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def load_seed_instructions(cfg: TeamsRLConfig) -> list[str]:
@@ -98,7 +98,9 @@ def algorithm_config(cfg: TeamsRLConfig, seed_instructions: list[str]):
     else:
         from ray.rllib.algorithms.ppo import PPOConfig
 
-        config = PPOConfig().training(num_epochs=10, minibatch_size=min(32, p.train_batch_size))
+        config = PPOConfig().training(
+            lr=p.lr, num_epochs=6, minibatch_size=min(60, p.train_batch_size)
+        )
     env_config = {"run_config": cfg.to_portable_dict(), "seed_instructions": seed_instructions}
     return (
         config.environment(InstructionEvolutionEnv, env_config=env_config)
@@ -124,6 +126,10 @@ class IterationSummary:
     iteration: int
     episode_return_mean: float | None
     info_gain: float | None
+    info_gain_raw: float | None
+    info_gain_first_order: float | None  # reviewer shown (before, after)
+    info_gain_second_order: float | None  # reviewer shown (after, before)
+    diversity: float | None
     elimination_rate: float | None
     queries_per_episode: float | None
     action_share: dict[str, float]
@@ -139,6 +145,10 @@ class IterationSummary:
             iteration=iteration,
             episode_return_mean=_float(env.get("episode_return_mean")),
             info_gain=_float(evo.get("info_gain")),
+            info_gain_raw=_float(evo.get("info_gain_raw")),
+            info_gain_first_order=_float(evo.get("info_gain_first_order")),
+            info_gain_second_order=_float(evo.get("info_gain_second_order")),
+            diversity=_float(evo.get("diversity")),
             elimination_rate=_float(evo.get("elimination_rate")),
             queries_per_episode=_float(evo.get("queries")),
             action_share=share,

@@ -10,7 +10,7 @@ Behaviour comes from the role's ``script`` mapping:
   the candidate equal to ``prefer`` gets log-probability -0.05 and the others -3.0 when
   the condition holds (``when_contains`` occurs in the prompt; or the first two
   ``<<<...>>>`` texts of the prompt differ), otherwise the preference is reversed.
-- ``latency_s``: fixed sleep per request (an I/O-bound model, like a remote GPU).
+- ``latency_s``: fixed wait per backend call (an I/O-bound model, like a remote GPU).
 - ``error``: raise ``BackendError(error)`` on every call (for failure-path tests).
 """
 
@@ -43,8 +43,9 @@ class ScriptedBackend:
     def _wait_or_fail(self, n_requests: int) -> None:
         if self.script.get("error"):
             raise BackendError(str(self.script["error"]))
-        # One sleep per request even in a batch: a remote API is paid per call.
-        time.sleep(float(self.script.get("latency_s", 0.0)) * n_requests)
+        # One wait per call, whatever the batch size: an I/O-bound model (a remote GPU
+        # server) answers a batch of concurrent requests in about the time of one.
+        time.sleep(float(self.script.get("latency_s", 0.0)))
 
     @staticmethod
     def _prompt_text(request: GenerationRequest | ScoreRequest) -> tuple[str, str]:
