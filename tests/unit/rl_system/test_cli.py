@@ -1,0 +1,47 @@
+"""CLI bad-input paths: each fails with a clear message before any Ray work starts."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from rl_system.cli import main
+
+
+def _run(*args: str):
+    import ray
+
+    result = CliRunner().invoke(main, list(args))
+    assert not ray.is_initialized(), "failed input must not start Ray"
+    return result
+
+
+def test_malformed_seed_line_names_file_and_line(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"instruction": "Name a bird."}\n{"instruction": "Name a fish."}\n{oops\n')
+    result = _run("train-policy", "--set", f"dataset.seeds={seeds}")
+    assert result.exit_code == 1
+    assert f"{seeds}:3" in result.output
+
+
+def test_empty_seed_set_is_refused(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"instruction": "   "}\n')
+    result = _run("train-policy", "--set", f"dataset.seeds={seeds}")
+    assert result.exit_code == 1
+    assert "no usable seed instructions" in result.output
+
+
+def test_skip_bad_lines_counts_instead_of_failing(tmp_path):
+    from rl_system.config import load_config
+    from rl_system.policy import load_seed_instructions
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"instruction": "Name a bird."}\nnot json\n{"instruction": ""}\n')
+    cfg = load_config(None, [f"dataset.seeds={seeds}", "dataset.skip_bad_lines=true"])
+    assert load_seed_instructions(cfg) == ["Name a bird."]
+
+
+def test_invalid_override_names_the_field():
+    result = _run("train-policy", "--set", "policy.max_steps=0")
+    assert result.exit_code == 1
+    assert "policy.max_steps: Input should be greater than or equal to 1" in result.output
