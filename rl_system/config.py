@@ -65,6 +65,14 @@ class ModelRoleConfig(_Section):
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
     max_retries: int = Field(3, ge=0, le=20)
     requests_per_minute: float | None = Field(None, gt=0, description="Client-side rate limit.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vllm backend: vLLM engine arguments, e.g. tensor_parallel_size, "
+        "max_model_len, gpu_memory_utilization.",
+    )
+    accelerator_type: str | None = Field(
+        None, description="vllm backend: Ray accelerator type for the replicas, e.g. H100."
+    )
     script: dict[str, Any] = Field(
         default_factory=dict, description="scripted backend only: its deterministic rules."
     )
@@ -182,6 +190,22 @@ class DatasetConfig(_Section):
     skip_bad_lines: bool = Field(False, description="Skip (and count) malformed seed lines.")
     max_expert_queries: int | None = Field(None, ge=1, description="Budget; stops resumably.")
     dedupe_threshold: float = Field(0.95, gt=0, le=1, description="Embedding cosine cut-off.")
+    wizardlm_rounds: int = Field(
+        4, ge=1, le=64, description="wizardlm strategy: evolution rounds per seed (Evol-Instruct)."
+    )
+    policy_checkpoint: str | None = Field(
+        None, description="policy strategy: RLlib checkpoint dir; None = latest of this run."
+    )
+    policy_sampling: Literal["sample", "greedy"] = Field(
+        "sample", description="policy strategy: sample actions (seeded per seed id) or arg-max."
+    )
+    expert_temperature: float | None = Field(
+        0.0, ge=0.0, le=2.0,
+        description="Expert temperature in stage 2; 0 = greedy, so a re-run asks the same "
+        "requests (exact resume). None = models.expert.sampling.temperature.",
+    )
+    concurrency: int = Field(2, ge=1, description="Ray Data actors per model-calling stage.")
+    actor_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per Ray Data actor.")
 
 
 class SFTConfig(_Section):

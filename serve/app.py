@@ -105,7 +105,7 @@ def vllm_llm_configs(cfg: TeamsRLConfig) -> list[dict[str, Any]]:
             seen.add(role_cfg.model)
             configs.append(
                 llm_config_dict(
-                    model=role_cfg.model,
+                    role_cfg=role_cfg,
                     model_source=resolve_model(role_cfg.model, prepare=False),
                     serve_cfg=cfg.serve,
                 )
@@ -131,15 +131,16 @@ def serve_config(cfg: TeamsRLConfig) -> dict[str, Any]:
 
     The API key is never written: set ``TEAMS_RL_API_KEY`` in the cluster's environment.
     """
-    config = cfg.to_portable_dict()
-    applications = [
-        {
-            "name": cfg.serve.app_name,
-            "route_prefix": "/",
-            "import_path": "serve.app:app_builder",
-            "args": {"config": config},
-        }
-    ]
+    applications = []
+    if llm_server_specs(cfg):  # roles all on vllm/openai need no ingress of ours
+        applications.append(
+            {
+                "name": cfg.serve.app_name,
+                "route_prefix": "/",
+                "import_path": "serve.app:app_builder",
+                "args": {"config": cfg.to_portable_dict()},
+            }
+        )
     llm_configs = vllm_llm_configs(cfg)
     if llm_configs:
         applications.append(

@@ -13,11 +13,11 @@ VLLM_ROUTE_PREFIX = "/vllm"
 EXTRA_HINT = "GPU serving needs the vllm extra: pip install 'teams-rl[vllm]'"
 
 
-def llm_config_dict(*, model: str, model_source: str, serve_cfg) -> dict[str, Any]:
+def llm_config_dict(*, role_cfg, model_source: str, serve_cfg) -> dict[str, Any]:
     """Plain-data ``ray.serve.llm.LLMConfig`` for one model (also written into Serve YAML)."""
     auto = serve_cfg.autoscaling
-    return {
-        "model_loading_config": {"model_id": model, "model_source": model_source},
+    config = {
+        "model_loading_config": {"model_id": role_cfg.model, "model_source": model_source},
         "deployment_config": {
             "autoscaling_config": {
                 "min_replicas": auto.min_replicas,
@@ -28,8 +28,11 @@ def llm_config_dict(*, model: str, model_source: str, serve_cfg) -> dict[str, An
             },
             "max_ongoing_requests": serve_cfg.max_ongoing_requests,
         },
-        "engine_kwargs": {"max_num_seqs": max(serve_cfg.max_batch_size, 1)},
+        "engine_kwargs": {"max_num_seqs": serve_cfg.max_batch_size, **role_cfg.engine_kwargs},
     }
+    if role_cfg.accelerator_type:
+        config["accelerator_type"] = role_cfg.accelerator_type
+    return config
 
 
 def build_vllm_app(llm_configs: list[dict[str, Any]]):
