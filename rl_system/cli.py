@@ -4,6 +4,7 @@
     teams-rl serve --config configs/demo.yaml    # role applications on Ray Serve
     teams-rl serve --config configs/demo.yaml --emit-config serve_config.yaml
     teams-rl train-policy --config configs/demo.yaml   # stage 1: RLlib TRPO
+    teams-rl build-dataset --config configs/demo.yaml  # stage 2: Ray Data
 
 Every command takes ``--config FILE`` and any number of ``--set key=value`` overrides;
 an invalid config stops the command before Ray starts, naming the field.
@@ -143,6 +144,34 @@ def train_policy_command(
     except PolicyRunMismatch as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"policy: {len(summaries)} iterations run; outputs in {cfg.stage_dir('policy')}")
+
+
+@main.command("build-dataset")
+@_config_options
+@click.option("--address", default=None, help="Ray cluster address (default: start locally).")
+def build_dataset_command(
+    config_path: str | None, overrides: tuple[str, ...], address: str | None
+) -> None:
+    """Stage 2: evolve seeds with dataset.strategy, answer, filter, write parquet + exports."""
+    from rl_system.dataset import DatasetRunMismatch, build_dataset, check_inputs
+    from rl_system.seeds import SeedFileError
+    from rl_system.strategies import PolicyCheckpointError
+
+    cfg = _load(config_path, overrides)
+    try:
+        check_inputs(cfg)  # bad seeds or checkpoint fail here, before Ray starts
+    except (SeedFileError, PolicyCheckpointError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _init_ray(address)
+    from serve.app import ensure_deployed
+
+    ensure_deployed(cfg)
+    try:
+        manifest = build_dataset(cfg, log=click.echo)
+    except (DatasetRunMismatch, PolicyCheckpointError) as exc:
+        raise click.ClickException(str(exc)) from None
+    pairs = manifest["summary"]["pairs_written"]
+    click.echo(f"dataset: {pairs} pairs in {cfg.stage_dir('dataset')}")
 
 
 if __name__ == "__main__":

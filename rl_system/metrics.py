@@ -62,3 +62,27 @@ def client_metrics() -> SimpleNamespace:
             tag_keys=("role", "type"),
         ),
     )
+
+
+@lru_cache(maxsize=1)
+def dataset_metrics() -> SimpleNamespace:
+    """Stage-2 accounting, by strategy: queries paid and answered from the resume cache."""
+    from ray.util.metrics import Counter
+
+    return SimpleNamespace(
+        queries=Counter(
+            "teams_rl_dataset_queries_total",
+            description="Stage-2 model queries by role; source=paid or cached (resume cache).",
+            tag_keys=("strategy", "role", "source"),
+        ),
+        evolutions=Counter(
+            "teams_rl_dataset_evolutions_total",
+            description="Stage-2 evolutions by outcome (kept, failed, or the eliminating rule).",
+            tag_keys=("strategy", "outcome"),
+        ),
+        pairs=Counter(
+            "teams_rl_dataset_pairs_total",
+            description="Instruction/response pairs written.",
+            tag_keys=("strategy",),
+        ),
+    )
