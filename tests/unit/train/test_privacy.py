@@ -1,0 +1,143 @@
+"""Membership-inference attacks: ROC math against known answers, and a memorisation check."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from train.privacy import (
+    evaluate_scores,
+    min_k_score,
+    roc_auc,
+    roc_curve,
+    run_mia,
+    tpr_at_fpr,
+    zlib_score,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def test_auc_known_answers():
+    assert roc_auc([3, 4, 5], [0, 1, 2]) == 1.0
+    assert roc_auc([0, 1, 2], [3, 4, 5]) == 0.0
+    assert roc_auc([1, 1], [1, 1]) == 0.5  # ties count one half
+    # 3 of 4 pairs ordered correctly, one tie: (3 + 0.5) / 4
+    assert roc_auc([2, 1], [1, 0]) == pytest.approx(0.875)
+
+
+def test_auc_matches_sklearn_when_installed():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    pos, neg = rng.normal(0.5, 1, 40).round(1), rng.normal(0, 1, 50).round(1)  # with ties
+    labels = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    assert roc_auc(pos, neg) == pytest.approx(metrics.roc_auc_score(labels, np.r_[pos, neg]))
+    fpr, tpr = roc_curve(pos, neg)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(pos, neg))
+
+
+def test_tpr_at_low_fpr():
+    fpr, tpr = roc_curve([5, 4, 0.5], [3, 2, 1, 0])
+    assert tpr_at_fpr(fpr, tpr, 0.0) == pytest.approx(2 / 3)
+    assert tpr_at_fpr(fpr, tpr, 0.5) == pytest.approx(2 / 3)
+    assert tpr_at_fpr(fpr, tpr, 0.75) == pytest.approx(1.0)
+    out = evaluate_scores([5, 4, float("nan")], [3, 2])
+    assert out["auc"] == 1.0 and out["tpr_at_1pct_fpr"] == 1.0
+
+
+def test_attack_statistics():
+    lp = np.log(np.array([0.5, 0.1, 0.9, 0.01]))
+    assert min_k_score(lp, k=0.25) == pytest.approx(np.log(0.01))
+    assert min_k_score(lp, k=0.5) == pytest.approx((np.log(0.01) + np.log(0.1)) / 2)
+    # same loss, more compressible (repetitive) text -> lower (less member-like) zlib score
+    assert zlib_score(lp, "ab" * 50) < zlib_score(lp, "the quick brown fox jumps over it")
+    with pytest.raises(ValueError):
+        min_k_score(lp, k=0)
+
+
+def _sentences(rng: np.random.Generator, n: int) -> list[str]:
+    adj = ["red", "quiet", "small", "bright", "old", "green", "tall", "warm", "soft", "cold"]
+    noun = ["fox", "river", "teacher", "lamp", "garden", "robot", "violin", "bridge", "owl",
+            "kettle", "comet", "farmer"]
+    verb = ["paints", "follows", "repairs", "watches", "carries", "builds", "hides", "cleans"]
+    place = ["market", "harbour", "library", "forest", "station", "kitchen", "valley", "roof"]
+    return [
+        f"The {rng.choice(adj)} {rng.choice(noun)} {rng.choice(verb)} the "
+        f"{rng.choice(noun)} near the {rng.choice(place)} every {rng.choice(adj)} morning."
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def memorised_model(tmp_path_factory):
+    """A tiny randomly initialised Llama (SmolLM2's tokenizer) trained to memorise 16 texts.
+
+    Same architecture family as the SFT model, ~100x fewer parameters, so it memorises in
+    seconds on a loaded CPU; the attack code path is the one used on the real model.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from rl_system.models import resolve_model
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(resolve_model("embedded:smollm2-135m-instruct"))
+    texts = _sentences(np.random.default_rng(1), 48)
+    members, non_a, non_b = texts[:16], texts[16:32], texts[32:]
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=64, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    batch = tok(members, return_tensors="pt", padding=True, add_special_tokens=False)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    model.train()
+    for _ in range(40):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    out = tmp_path_factory.mktemp("mia_model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, members, non_a, non_b, float(loss.detach())
+
+
+@pytest.mark.slow  # ~15 s CPU (training + transformers import); minutes on a loaded box
+def test_mia_detects_memorised_members(memorised_model):
+    model_dir, members, non_a, _, final_loss = memorised_model
+    result = run_mia(model_dir, members, non_a, min_k=0.2, batch_size=16)
+    assert final_loss < 1.0, "the tiny model should have memorised its 16 texts"
+    assert result["n_members"] == result["n_non_members"] == 16
+    assert set(result["attacks"]) == {"loss", "zlib", "min_k"}
+    assert result["attacks"]["loss"]["auc"] > 0.8
+    assert result["attacks"]["min_k"]["auc"] > 0.8
+    roc = result["attacks"]["loss"]["roc"]
+    assert roc["fpr"][0] == 0 and roc["fpr"][-1] == 1 and roc["tpr"][-1] == 1
+
+
+@pytest.mark.slow  # ~15 s CPU (training + transformers import); minutes on a loaded box
+def test_mia_is_chance_between_non_members(memorised_model):
+    model_dir, _, non_a, non_b, _ = memorised_model
+    result = run_mia(model_dir, non_a, non_b, batch_size=16)
+    for name, res in result["attacks"].items():
+        assert abs(res["auc"] - 0.5) <= 0.2, (name, res["auc"])
+
+
+@pytest.mark.slow  # ~15 s CPU (training + transformers import); minutes on a loaded box
+def test_prompt_completion_items_score_only_the_completion(memorised_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.privacy import token_logprobs
+
+    model_dir = memorised_model[0]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    plain, paired = token_logprobs(model, tok, ["Hello there friend", ("Hello", " there friend")])
+    n_completion = len(tok(" there friend", add_special_tokens=False)["input_ids"])
+    assert len(paired) == n_completion
+    assert len(plain) == len(tok("Hello there friend", add_special_tokens=False)["input_ids"]) - 1
