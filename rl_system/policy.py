@@ -53,7 +53,9 @@ def load_seed_instructions(cfg: TeamsRLConfig) -> list[str]:
     if seed_set.skipped_bad or seed_set.skipped_empty:
         logger.warning(
             "seeds %s: skipped %d malformed and %d empty records",
-            cfg.dataset.seeds, seed_set.skipped_bad, seed_set.skipped_empty,
+            cfg.dataset.seeds,
+            seed_set.skipped_bad,
+            seed_set.skipped_empty,
         )
     return [s.instruction for s in seed_set.seeds]
 
@@ -77,10 +79,19 @@ def evolution_metrics_callback():
                 log(f"evolution/action_share/{name}", share, reduce="mean")
             if evolved:
                 n = len(evolved)
-                log("evolution/elimination_rate", sum(i["eliminated"] for i in evolved) / n,
-                    reduce="mean")
-                for key in ("info_gain", "info_gain_raw", "info_gain_first_order",
-                            "info_gain_second_order", "self_pair", "diversity"):
+                log(
+                    "evolution/elimination_rate",
+                    sum(i["eliminated"] for i in evolved) / n,
+                    reduce="mean",
+                )
+                for key in (
+                    "info_gain",
+                    "info_gain_raw",
+                    "info_gain_first_order",
+                    "info_gain_second_order",
+                    "self_pair",
+                    "diversity",
+                ):
                     log(f"evolution/{key}", sum(i[key] for i in evolved) / n, reduce="mean")
 
     return EvolutionMetrics
@@ -111,7 +122,9 @@ def algorithm_config(cfg: TeamsRLConfig, seed_instructions: list[str]):
             sample_timeout_s=p.sample_timeout_s,
             rollout_fragment_length="auto",
         )
-        .training(gamma=p.gamma, lambda_=p.gae_lambda, train_batch_size_per_learner=p.train_batch_size)
+        .training(
+            gamma=p.gamma, lambda_=p.gae_lambda, train_batch_size_per_learner=p.train_batch_size
+        )
         .fault_tolerance(
             restart_failed_env_runners=True,
             max_num_env_runner_restarts=10,
@@ -139,8 +152,12 @@ class IterationSummary:
     @classmethod
     def from_result(cls, iteration: int, result: dict, time_s: float) -> IterationSummary:
         env = result.get("env_runners", {})
-        evo = {k.split("/", 1)[1]: v for k, v in _flatten(env).items() if k.startswith("evolution/")}
-        share = {k.split("/", 1)[1]: float(v) for k, v in evo.items() if k.startswith("action_share/")}
+        evo = {
+            k.split("/", 1)[1]: v for k, v in _flatten(env).items() if k.startswith("evolution/")
+        }
+        share = {
+            k.split("/", 1)[1]: float(v) for k, v in evo.items() if k.startswith("action_share/")
+        }
         return cls(
             iteration=iteration,
             episode_return_mean=_float(env.get("episode_return_mean")),
@@ -198,6 +215,16 @@ def _write_state(policy_dir: Path, state: dict) -> None:
     os.replace(tmp, policy_dir / STATE_FILE)  # atomic: a crash leaves the old state
 
 
+def policy_is_done(cfg: TeamsRLConfig) -> bool:
+    """Whether ``policy.iterations`` iterations of this same experiment are on disk."""
+    state = _read_state(cfg.stage_dir("policy").resolve())
+    return bool(
+        state
+        and state.get("lineage") == _lineage_hash(cfg)
+        and state.get("iterations_done", 0) >= cfg.policy.iterations
+    )
+
+
 def latest_checkpoint(cfg: TeamsRLConfig) -> Path | None:
     state = _read_state(cfg.stage_dir("policy").resolve())
     return Path(state["checkpoint"]) if state and state.get("checkpoint") else None
@@ -237,8 +264,12 @@ def train_policy(
             algo.save_to_path(str(checkpoint))
             with open(policy_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(summary.__dict__) + "\n")
-            state = {"iterations_done": iteration, "checkpoint": str(checkpoint),
-                     "lineage": lineage, "algorithm": cfg.policy.algorithm}
+            state = {
+                "iterations_done": iteration,
+                "checkpoint": str(checkpoint),
+                "lineage": lineage,
+                "algorithm": cfg.policy.algorithm,
+            }
             _write_state(policy_dir, state)
             for key, gauge in gauges.items():
                 value = getattr(summary, key)

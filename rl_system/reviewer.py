@@ -36,8 +36,15 @@ JUDGE_PROMPT = (
 
 # Words of our instructor request and of Evol-Instruct's prompts that a rewrite must not echo.
 TEMPLATE_PHRASES = (
-    "given prompt", "rewritten prompt", "#given", "#rewritten", "new instruction:",
-    "original instruction", "rewrite the instruction", "<<<", ">>>",
+    "given prompt",
+    "rewritten prompt",
+    "#given",
+    "#rewritten",
+    "new instruction:",
+    "original instruction",
+    "rewrite the instruction",
+    "<<<",
+    ">>>",
 )
 REFUSAL_PHRASES = ("sorry", "i cannot", "i can't", "i am unable", "as an ai", "i'm unable")
 REFUSAL_MAX_WORDS = 80  # Evol-Instruct: a refusal-like reply shorter than this is dropped
@@ -157,8 +164,10 @@ class Reviewer:
 
     def info_gain(self, before: str, after: str) -> tuple[float, float, float, float]:
         """(first order, second order, self pair, raw mean) — one batched scoring call."""
-        items = [(self.judge_prompt(before, after), VERDICTS),
-                 (self.judge_prompt(after, before), VERDICTS)]
+        items = [
+            (self.judge_prompt(before, after), VERDICTS),
+            (self.judge_prompt(after, before), VERDICTS),
+        ]
         cached = self._self_pair.get(before)
         if cached is None:
             items.append((self.judge_prompt(before, before), VERDICTS))
@@ -186,7 +195,9 @@ class Reviewer:
         queries_before = self.client.usage.queries
         first, second, self_pair, raw = self.info_gain(before, after)
         calibrated = max(0.0, raw - self_pair) / max(1e-6, 1.0 - self_pair)
-        eliminated = eliminate(before, after, calibrated, min_info_gain=self.reward_cfg.min_info_gain)
+        eliminated = eliminate(
+            before, after, calibrated, min_info_gain=self.reward_cfg.min_info_gain
+        )
         diversity = self.diversity(after, history or [before])
         query_cost = generation_queries + (self.client.usage.queries - queries_before)
         w = self.reward_cfg
@@ -198,7 +209,13 @@ class Reviewer:
             - (w.elimination_penalty if eliminated else 0.0)
         )
         return Review(
-            info_gain=calibrated, info_gain_raw=raw, info_gain_first_order=first,
-            info_gain_second_order=second, self_pair=self_pair, eliminated=eliminated,
-            diversity=diversity, query_cost=query_cost, reward=reward,
+            info_gain=calibrated,
+            info_gain_raw=raw,
+            info_gain_first_order=first,
+            info_gain_second_order=second,
+            self_pair=self_pair,
+            eliminated=eliminated,
+            diversity=diversity,
+            query_cost=query_cost,
+            reward=reward,
         )

@@ -29,7 +29,6 @@ from serve.protocol import (
     Completion,
     GenerationRequest,
     ScoreRequest,
-    ScoreResult,
 )
 
 PromptLike = GenerationRequest | str | Sequence[dict] | Sequence[ChatMessage]

@@ -77,7 +77,9 @@ class OpenAIBackend:
         self.extra_headers = extra_headers or {}
         self.requests_per_minute = requests_per_minute
         if score_mode == "auto":
-            score_mode = "top_logprobs" if "api.openai.com" in (base_url or "api.openai.com") else "echo"
+            score_mode = (
+                "top_logprobs" if "api.openai.com" in (base_url or "api.openai.com") else "echo"
+            )
         self.score_mode = score_mode
         self._client = None
         self._tokenizer = None
@@ -151,13 +153,18 @@ class OpenAIBackend:
 
     def _generate_one(self, r: GenerationRequest) -> Completion:
         common = dict(
-            model=self.model_id, max_tokens=r.max_tokens, temperature=r.temperature,
-            top_p=r.top_p, stop=r.stop, extra_headers={"X-Teams-RL-Role": r.role},
+            model=self.model_id,
+            max_tokens=r.max_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            stop=r.stop,
+            extra_headers={"X-Teams-RL-Role": r.role},
         )
         if r.messages is not None:
             resp = self._call(
                 self.client.chat.completions.create,
-                messages=[m.model_dump() for m in r.messages], **common,
+                messages=[m.model_dump() for m in r.messages],
+                **common,
             )
             text = resp.choices[0].message.content or ""
         else:
@@ -178,7 +185,12 @@ class OpenAIBackend:
     def _token_logprobs_one(self, text: str) -> TokenLogprobs:
         resp = self._call(
             self.client.completions.create,
-            model=self.model_id, prompt=text, max_tokens=1, echo=True, logprobs=0, temperature=0.0,
+            model=self.model_id,
+            prompt=text,
+            max_tokens=1,
+            echo=True,
+            logprobs=0,
+            temperature=0.0,
         )
         lp = resp.choices[0].logprobs
         n = len(lp.text_offset)
@@ -220,8 +232,12 @@ class OpenAIBackend:
     def _score_top_logprobs(self, request: ScoreRequest) -> ScoreResult:
         resp = self._call(
             self.client.chat.completions.create,
-            model=self.model_id, messages=[m.model_dump() for m in request.messages],
-            max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20,
+            model=self.model_id,
+            messages=[m.model_dump() for m in request.messages],
+            max_tokens=1,
+            temperature=0.0,
+            logprobs=True,
+            top_logprobs=20,
         )
         content = resp.choices[0].logprobs.content if resp.choices[0].logprobs else None
         alternatives = content[0].top_logprobs if content else []
