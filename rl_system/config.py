@@ -268,9 +268,42 @@ class SFTConfig(_Section):
 
 
 class EvalConfig(_Section):
-    tasks: list[str] = Field(default_factory=lambda: ["arc_easy", "arc_challenge", "hellaswag"])
+    """Stage 4: benchmarks (lm-eval), membership inference, dataset quality, the report."""
+
+    tasks: list[str] = Field(
+        default_factory=lambda: ["arc_easy", "arc_challenge", "hellaswag"],
+        description="lm-eval task names (built-in or from eval.include_paths).",
+    )
     num_fewshot: int = Field(0, ge=0)
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, description="Documents per task; None = all.")
+    include_paths: list[str] = Field(
+        default_factory=lambda: ["data/eval"],
+        description="Folders of extra lm-eval task YAMLs (local data works air-gapped); "
+        "missing folders are skipped.",
+    )
+    model_backend: Literal["hf", "vllm"] = Field(
+        "hf", description="lm-eval model type; vllm needs a GPU and the [vllm] extra."
+    )
+    batch_size: int = Field(8, ge=1, description="lm-eval batch size.")
+    device: str = Field("cpu", description="lm-eval device for the hf backend, e.g. cuda.")
+    num_gpus: float = Field(
+        0.0, ge=0, description="> 0: run lm-eval in a Ray task holding this many GPUs."
+    )
+    offline: bool = Field(
+        False, description="Set HF_HUB_OFFLINE / HF_DATASETS_OFFLINE for lm-eval (local tasks)."
+    )
+    timeout_s: float = Field(7200.0, gt=0, description="Wall-clock limit of one lm-eval run.")
+    mia_non_members: str | None = Field(
+        None,
+        description="Held-out records (parquet file/dir or JSONL with instruction+response) "
+        "of the training distribution, the MIA non-members; None = skip the attack.",
+    )
+    mia_samples: int = Field(200, ge=2, description="Members and non-members scored, each.")
+    mia_min_k: float = Field(0.2, gt=0, le=1, description="Min-k% attack: fraction of tokens.")
+    mia_max_tokens: int = Field(256, ge=8, description="Tokens per text scored by the MIA.")
+    compare: list[str] = Field(
+        default_factory=list, description="Other run directories to put beside this run."
+    )
 
 
 class RunConfig(_Section):
