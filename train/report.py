@@ -1,0 +1,482 @@
+"""Stage 4, the comparison report: several runs side by side, one table per paper claim.
+
+    teams-rl evaluate --config configs/demo.yaml --compare runs/wizardlm
+
+or from Python::
+
+    evaluate_run(Path("runs/demo"), cfg.eval)            # lm-eval + MIA -> runs/demo/eval/
+    build_report([Path("runs/demo"), Path("runs/wizardlm")], Path("runs/demo/eval"))
+
+Claims (TeaMs-RL, arXiv 2403.08694) and where the report answers them:
+
+- the RL policy learns (stage 1 curves)             -> ``policy_training``, policy_training.png
+- far fewer expert queries than WizardLM            -> ``queries``, query_accounting.png
+- better instructions (info gain, diversity)        -> ``quality``, quality.png
+- comparable or better ARC / HellaSwag after SFT    -> ``benchmarks``, benchmarks.png
+- better privacy (lower membership-inference AUC)   -> ``privacy``, mia_roc.png
+
+Inputs per run directory (a missing one raises :class:`StageOutputMissing` naming the
+run, the stage and the file): ``policy/metrics.jsonl`` (runs whose strategy is
+``policy``), ``dataset/`` parquet + ``manifest.json``, ``eval/lm_eval.json`` and
+``eval/mia.json`` (written by :func:`evaluate_run`, which needs ``sft/final``).
+Outputs in ``out_dir``: ``report.json``, ``report.md`` and the PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rl_system.config import EvalConfig, TeamsRLConfig
+
+LM_EVAL_FILE = "lm_eval.json"
+MIA_FILE = "mia.json"
+PLOT_TITLES = {
+    "policy_training": "Policy training (stage 1)",
+    "query_accounting": "Expert queries by strategy",
+    "quality": "Dataset quality",
+    "mia_roc": "Membership inference ROC",
+    "benchmarks": "Benchmark accuracy after SFT",
+}
+# stage -> (file under the run directory, the command that writes it)
+STAGE_FILES = {
+    "policy": ("policy/metrics.jsonl", "teams-rl train-policy"),
+    "dataset": ("dataset/data/*.parquet", "teams-rl build-dataset"),
+    "sft": ("sft/final/config.json", "teams-rl sft"),
+    "benchmarks": (f"eval/{LM_EVAL_FILE}", "teams-rl evaluate"),
+    "privacy": (f"eval/{MIA_FILE}", "teams-rl evaluate"),
+}
+
+
+class StageOutputMissing(FileNotFoundError):
+    """A run directory lacks a stage's output; the message names run, stage, file, fix."""
+
+    def __init__(self, run_dir: Path, stage: str, path: Path, fix: str):
+        self.run_dir, self.stage, self.path = run_dir, stage, path
+        super().__init__(
+            f"run '{run_dir.name}' ({run_dir}): stage '{stage}' output {path} is missing; "
+            f"produce it with `{fix}` for that run"
+        )
+
+
+def require(run_dir: Path, stage: str) -> Path:
+    """The stage's output path in ``run_dir`` (a directory for ``dataset``) or raise."""
+    rel, fix = STAGE_FILES[stage]
+    if stage == "dataset":
+        from rl_system.quality import dataset_files
+
+        dataset = run_dir / "dataset"
+        if not dataset.is_dir() or not dataset_files(dataset):
+            raise StageOutputMissing(run_dir, stage, run_dir / rel, fix)
+        return dataset
+    path = run_dir / rel
+    if not path.exists():
+        raise StageOutputMissing(run_dir, stage, path, fix)
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a torn last line (crash while appending) is skipped."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Per-run evaluation (the model side: lm-eval and MIA)
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    if path.is_dir() or path.suffix == ".parquet":
+        from rl_system.quality import load_rows
+
+        if path.is_dir():
+            return load_rows(path)
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    return read_jsonl(path)
+
+
+def mia_items(records: list[dict[str, Any]], tokenizer: Any) -> list[Any]:
+    """Records -> (prompt, response) pairs in the SFT template (train.data.prompt_text), or
+    plain ``text`` for records without instruction/response."""
+    from train.data import prompt_text
+
+    items: list[Any] = []
+    for r in records:
+        if r.get("instruction") is not None and r.get("response") is not None:
+            items.append((prompt_text(r, tokenizer), str(r["response"])))
+        elif r.get("text"):
+            items.append(str(r["text"]))
+    return items
+
+
+def evaluate_run(
+    run_dir: Path,
+    cfg: EvalConfig,
+    *,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """lm-eval and membership inference on ``run_dir/sft/final``; outputs in ``eval/``.
+
+    Parts whose output exists are kept unless ``force``. MIA members are a sample of the
+    run's dataset (what SFT trained on, minus its small held-out split); non-members come
+    from ``eval.mia_non_members``; without it ``mia.json`` records why it was skipped.
+    Returns ``{"lm_eval": ..., "mia": ..., "timings_s": {...}}``.
+    """
+    import numpy as np
+
+    from train.evaluate import run_lm_eval
+    from train.privacy import run_mia
+
+    model_dir = require(run_dir, "sft").parent
+    dataset_dir = require(run_dir, "dataset")
+    eval_dir = run_dir / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    lm_path = eval_dir / LM_EVAL_FILE
+    if force or not lm_path.exists():
+        log(f"evaluate {run_dir.name}: lm-eval {', '.join(cfg.tasks)} on {model_dir}")
+        started = time.monotonic()
+        run_lm_eval(model_dir, cfg, out_path=lm_path)
+        timings["lm_eval"] = round(time.monotonic() - started, 2)
+    mia_path = eval_dir / MIA_FILE
+    if force or not mia_path.exists():
+        started = time.monotonic()
+        if cfg.mia_non_members is None:
+            mia = {"skipped": "eval.mia_non_members is not set: give held-out records of the "
+                              "training distribution to run the membership-inference attack"}
+        else:
+            from transformers import AutoTokenizer
+
+            from rl_system.quality import load_rows
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            rng = np.random.default_rng(0)
+            members = load_rows(dataset_dir)
+            non_members = _read_records(Path(cfg.mia_non_members))
+            n = min(cfg.mia_samples, len(members), len(non_members))
+            members = [members[i] for i in sorted(rng.choice(len(members), n, replace=False))]
+            non_members = [non_members[i]
+                           for i in sorted(rng.choice(len(non_members), n, replace=False))]
+            log(f"evaluate {run_dir.name}: membership inference, {n} members vs {n} non-members")
+            mia = run_mia(model_dir, mia_items(members, tokenizer),
+                          mia_items(non_members, tokenizer), min_k=cfg.mia_min_k,
+                          max_tokens=cfg.mia_max_tokens, device=cfg.device)
+        mia_path.write_text(json.dumps(mia, indent=2))
+        timings["mia"] = round(time.monotonic() - started, 2)
+    return {
+        "lm_eval": json.loads(lm_path.read_text()),
+        "mia": json.loads(mia_path.read_text()),
+        "timings_s": timings,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Plots (matplotlib's object API on the Agg canvas: no pyplot global state, no display)
+
+
+def _figure(ncols: int = 1, *, width: float = 6.0, height: float = 4.0):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, axes
+
+
+def _save(fig, out_dir: Path, key: str) -> dict[str, str]:
+    title = PLOT_TITLES[key]
+    fig.suptitle(title)
+    path = out_dir / f"{key}.png"
+    fig.savefig(path, dpi=80)
+    return {"file": path.name, "title": title}
+
+
+def plot_policy_training(curves: dict[str, list[dict]], out_dir: Path) -> dict[str, str]:
+    fig, axes = _figure(3, width=4.5)
+    for run, rows in curves.items():
+        it = [r["iteration"] for r in rows]
+        for ax, key in zip(axes, ("episode_return_mean", "info_gain", "queries_per_episode"),
+                           strict=True):
+            ax.plot(it, [r.get(key) if r.get(key) is not None else float("nan") for r in rows],
+                    marker="o", label=run)
+            ax.set_xlabel("iteration")
+            ax.set_title(key)
+    axes[0].legend()
+    return _save(fig, out_dir, "policy_training")
+
+
+def plot_query_accounting(queries: dict[str, dict], out_dir: Path) -> dict[str, str]:
+    fig, axes = _figure(2, width=4.5)
+    runs = list(queries)
+    labels = [f"{r}\n({queries[r]['strategy']})" for r in runs]
+    axes[0].bar(labels, [queries[r]["expert_queries_total"] or 0 for r in runs])
+    axes[0].set_title("expert queries (paid + cached)")
+    axes[1].bar(labels, [queries[r]["expert_queries_per_pair"] or 0 for r in runs])
+    axes[1].set_title("expert queries per pair")
+    return _save(fig, out_dir, "query_accounting")
+
+
+def plot_quality(quality: dict[str, dict], out_dir: Path) -> dict[str, str]:
+    fig, axes = _figure(2, width=4.5)
+    for run, q in quality.items():
+        for ax, key in zip(axes, ("info_gain", "instruction_words"), strict=True):
+            hist = q[key]["histogram"]
+            if hist["counts"]:
+                ax.stairs(hist["counts"], hist["edges"], label=run)
+            ax.set_title(f"{key} (histogram)")
+    axes[0].legend()
+    return _save(fig, out_dir, "quality")
+
+
+def plot_mia_roc(privacy: dict[str, dict], out_dir: Path) -> dict[str, str]:
+    fig, axes = _figure(1)
+    ax = axes[0]
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
+    for run, mia in privacy.items():
+        for name, res in (mia.get("attacks") or {}).items():
+            ax.plot(res["roc"]["fpr"], res["roc"]["tpr"],
+                    label=f"{run} {name} (AUC {res['auc']:.2f})")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(fontsize="small")
+    return _save(fig, out_dir, "mia_roc")
+
+
+def plot_benchmarks(benchmarks: dict[str, dict], out_dir: Path) -> dict[str, str]:
+    import numpy as np
+
+    fig, axes = _figure(1)
+    ax = axes[0]
+    tasks = sorted({t for b in benchmarks.values() for t in b})
+    width = 0.8 / max(1, len(benchmarks))
+    for n, (run, b) in enumerate(benchmarks.items()):
+        ax.bar(np.arange(len(tasks)) + n * width,
+               [b.get(t, {}).get("acc", 0.0) for t in tasks], width, label=run)
+    ax.set_xticks(np.arange(len(tasks)) + width * (len(benchmarks) - 1) / 2, tasks)
+    ax.set_ylabel("accuracy")
+    ax.legend()
+    return _save(fig, out_dir, "benchmarks")
+
+
+# ---------------------------------------------------------------------------------------
+# The report
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """``report.md``: one side-by-side table per claim, each followed by its plot."""
+    runs = list(report["runs"])
+    out = ["# TeaMs-RL evaluation report", "",
+           "Runs: " + ", ".join(f"`{r}` ({report['runs'][r]['strategy']})" for r in runs), ""]
+
+    def plot(key: str) -> str:
+        p = report["plots"].get(key)
+        return f"![{p['title']}]({p['file']})\n" if p else ""
+
+    out += ["## Policy training (stage 1)", ""]
+    pt = report["policy_training"]
+    keys = ["iterations", "episode_return_first", "episode_return_last", "info_gain_last",
+            "queries_per_episode_last", "env_steps"]
+    out += [_table(["metric", *runs], [[k, *[pt[r].get(k) if pt[r] else None for r in runs]]
+                                       for k in keys]), "", plot("policy_training")]
+
+    out += ["## Expert queries (claim: far fewer than WizardLM)", ""]
+    q = report["queries"]
+    keys = ["strategy", "pairs", "expert_queries_paid", "expert_queries_cached",
+            "expert_queries_total", "expert_queries_per_pair", "relative_to_baseline"]
+    out += [_table(["metric", *runs], [[k, *[q[r].get(k) for r in runs]] for k in keys]), "",
+            plot("query_accounting")]
+
+    out += ["## Dataset quality", ""]
+    ql = report["quality"]
+    rows = [
+        ["pairs", *[ql[r]["pairs"] for r in runs]],
+        ["info_gain mean", *[ql[r]["info_gain"]["mean"] for r in runs]],
+        ["info_gain_raw mean", *[ql[r]["info_gain_raw"]["mean"] for r in runs]],
+        ["instruction words mean", *[ql[r]["instruction_words"]["mean"] for r in runs]],
+        ["distinct-1", *[ql[r]["lexical"]["distinct_1"] for r in runs]],
+        ["distinct-2", *[ql[r]["lexical"]["distinct_2"] for r in runs]],
+        ["embedding dispersion", *[ql[r]["embedding"]["dispersion"] for r in runs]],
+        ["eliminated (all rules)", *[ql[r]["elimination"]["total"] for r in runs]],
+    ]
+    out += [_table(["metric", *runs], rows), "", plot("quality")]
+
+    out += ["## Benchmarks after SFT (lm-eval accuracy)", ""]
+    b = report["benchmarks"]
+    tasks = sorted({t for r in runs for t in b[r]})
+    out += [_table(["task", *runs], [[t, *[b[r].get(t, {}).get("acc") for r in runs]]
+                                     for t in tasks]), "", plot("benchmarks")]
+
+    out += ["## Privacy: membership inference (lower AUC = less leakage)", ""]
+    p = report["privacy"]
+    attacks = sorted({a for r in runs for a in (p[r].get("attacks") or {})})
+    rows = []
+    for a in attacks:
+        rows.append([f"{a} AUC", *[(p[r].get("attacks") or {}).get(a, {}).get("auc")
+                                   for r in runs]])
+        rows.append([f"{a} TPR@1%FPR", *[(p[r].get("attacks") or {}).get(a, {})
+                                         .get("tpr_at_1pct_fpr") for r in runs]])
+    skipped = [f"- `{r}`: skipped — {p[r]['skipped']}" for r in runs if p[r].get("skipped")]
+    out += [_table(["attack", *runs], rows), "", *skipped, "", plot("mia_roc")]
+    return "\n".join(out) + "\n"
+
+
+def _policy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def last(key: str) -> Any:
+        return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
+
+    return {
+        "iterations": len(rows),
+        "episode_return_first": rows[0].get("episode_return_mean") if rows else None,
+        "episode_return_last": last("episode_return_mean"),
+        "info_gain_last": last("info_gain"),
+        "diversity_last": last("diversity"),
+        "elimination_rate_last": last("elimination_rate"),
+        "queries_per_episode_last": last("queries_per_episode"),
+        "env_steps": last("env_steps"),
+        "time_s": sum(float(r.get("time_s") or 0.0) for r in rows),
+    }
+
+
+def build_report(
+    run_dirs: list[Path],
+    out_dir: Path,
+    *,
+    encoder: Any = None,
+    baseline: str | None = None,
+) -> dict[str, Any]:
+    """Read every run's stage outputs, write ``report.json``, ``report.md`` and PNGs.
+
+    ``baseline``: run name the query ratio is relative to (default: the first run whose
+    strategy is ``wizardlm``, else none). ``encoder``: text encoder for the quality
+    dispersion (default MiniLM). Raises :class:`StageOutputMissing` before writing
+    anything when a run lacks an input. Returns the report dict.
+    """
+    from rl_system.quality import dataset_quality, read_manifest
+
+    started = time.monotonic()
+    run_dirs = [Path(r) for r in run_dirs]
+    names = [r.name for r in run_dirs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run directory names must differ (they label the columns): {names}")
+    # Check every input of every run first, so a missing file fails fast and alone.
+    strategies, inputs = {}, {}
+    for run in run_dirs:
+        dataset = require(run, "dataset")
+        manifest = read_manifest(dataset) or {}
+        strategy = manifest.get("strategy")
+        if strategy is None:
+            from rl_system.quality import load_rows
+
+            rows = load_rows(dataset)
+            strategy = rows[0].get("strategy") if rows else "unknown"
+        strategies[run.name] = strategy
+        inputs[run.name] = {
+            "policy": require(run, "policy") if strategy == "policy" else None,
+            "dataset": dataset,
+            "benchmarks": require(run, "benchmarks"),
+            "privacy": require(run, "privacy"),
+        }
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t = time.monotonic()
+    curves = {n: read_jsonl(i["policy"]) for n, i in inputs.items() if i["policy"]}
+    policy = {n: (_policy_summary(curves[n]) if n in curves else None) for n in names}
+    t, timings["policy"] = time.monotonic(), round(time.monotonic() - t, 3)
+    quality = {n: dataset_quality(inputs[n]["dataset"], encoder=encoder) for n in names}
+    t, timings["quality"] = time.monotonic(), round(time.monotonic() - t, 3)
+
+    if baseline is None:
+        baseline = next((n for n in names if strategies[n] == "wizardlm"), None)
+    queries = {}
+    for n in names:
+        qa = dict(quality[n]["queries"], pairs=quality[n]["pairs"])
+        queries[n] = qa
+    base_total = queries[baseline]["expert_queries_total"] if baseline in queries else None
+    for n in names:
+        total = queries[n]["expert_queries_total"]
+        queries[n]["relative_to_baseline"] = (total / base_total) if base_total else None
+    benchmarks = {n: json.loads(inputs[n]["benchmarks"].read_text()).get("tasks", {})
+                  for n in names}
+    privacy = {n: json.loads(inputs[n]["privacy"].read_text()) for n in names}
+
+    plots = {}
+    if curves:
+        plots["policy_training"] = plot_policy_training(curves, out_dir)
+    plots["query_accounting"] = plot_query_accounting(queries, out_dir)
+    plots["quality"] = plot_quality(quality, out_dir)
+    if any(p.get("attacks") for p in privacy.values()):
+        plots["mia_roc"] = plot_mia_roc(privacy, out_dir)
+    if any(benchmarks.values()):
+        plots["benchmarks"] = plot_benchmarks(benchmarks, out_dir)
+    timings["plots"] = round(time.monotonic() - t, 3)
+
+    report = {
+        "runs": {n: {"dir": str(r), "strategy": strategies[n]} for n, r in zip(names, run_dirs,
+                                                                                 strict=True)},
+        "baseline": baseline,
+        "policy_training": policy,
+        "policy_curves": curves,
+        "queries": queries,
+        "quality": quality,
+        "benchmarks": benchmarks,
+        "privacy": privacy,
+        "plots": plots,
+        "timings_s": {**timings, "total": round(time.monotonic() - started, 3)},
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out_dir / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def evaluate_and_report(
+    cfg: TeamsRLConfig,
+    *,
+    compare: tuple[str | Path, ...] = (),
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Stage 4 for one config: evaluate this run and every compared run, then report.
+
+    Used by ``teams-rl evaluate`` and the pipeline; the report goes to this run's
+    ``eval/`` directory.
+    """
+    runs = [cfg.run_dir.resolve(), *(Path(c).resolve() for c in (*cfg.eval.compare, *compare))]
+    for run in runs:
+        evaluate_run(run, cfg.eval, force=force, log=log)
+    report = build_report(runs, cfg.stage_dir("eval").resolve())
+    log(f"report: {cfg.stage_dir('eval') / 'report.md'} ({len(report['plots'])} plots)")
+    return report
+
+
+def report_is_done(cfg: TeamsRLConfig) -> bool:
+    """Whether this run's evaluation outputs and report exist (outputs are kept, not redone)."""
+    eval_dir = cfg.stage_dir("eval").resolve()
+    return all((eval_dir / f).exists() for f in (LM_EVAL_FILE, MIA_FILE, "report.json"))
