@@ -5,6 +5,11 @@
     teams-rl serve --config configs/demo.yaml --emit-config serve_config.yaml
     teams-rl train-policy --config configs/demo.yaml   # stage 1: RLlib TRPO
     teams-rl build-dataset --config configs/demo.yaml  # stage 2: Ray Data
+    teams-rl sft --config configs/demo.yaml            # stage 3: Ray Train FSDP
+    teams-rl evaluate --config configs/demo.yaml       # stage 4: lm-eval, MIA, report
+    teams-rl pipeline --config configs/demo.yaml       # all of them, skipping what is done
+    teams-rl build-dataset --config configs/demo.yaml  # stage 2: Ray Data
+    teams-rl evaluate --config configs/demo.yaml --compare runs/wizardlm  # stage 4
 
 Every command takes ``--config FILE`` and any number of ``--set key=value`` overrides;
 an invalid config stops the command before Ray starts, naming the field.
@@ -26,11 +31,17 @@ logger = logging.getLogger("teams_rl")
 
 def _config_options(fn):
     fn = click.option(
-        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
         help="Override a config key, e.g. --set serve.max_batch_size=4 (repeatable).",
     )(fn)
     fn = click.option(
-        "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        default=None,
         help="Run config YAML (default: built-in defaults).",
     )(fn)
     return fn
@@ -83,11 +94,16 @@ def models_prepare() -> None:
 @_config_options
 @click.option("--address", default=None, help="Ray cluster address (default: start locally).")
 @click.option(
-    "--emit-config", type=click.Path(dir_okay=False), default=None,
+    "--emit-config",
+    type=click.Path(dir_okay=False),
+    default=None,
     help="Write a Serve config YAML (for `serve run` / `serve deploy`) and exit.",
 )
 def serve_command(
-    config_path: str | None, overrides: tuple[str, ...], address: str | None, emit_config: str | None
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    address: str | None,
+    emit_config: str | None,
 ) -> None:
     """Deploy the instructor, reviewer and expert roles and serve until interrupted."""
     import yaml
@@ -172,6 +188,92 @@ def build_dataset_command(
         raise click.ClickException(str(exc)) from None
     pairs = manifest["summary"]["pairs_written"]
     click.echo(f"dataset: {pairs} pairs in {cfg.stage_dir('dataset')}")
+
+
+@main.command("evaluate")
+@_config_options
+@click.option(
+    "--compare",
+    "compare",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="Another run directory to put beside this run (repeatable; adds to eval.compare).",
+)
+@click.option("--force", is_flag=True, help="Re-run lm-eval and MIA even if outputs exist.")
+def evaluate_command(
+    config_path: str | None, overrides: tuple[str, ...], compare: tuple[str, ...], force: bool
+) -> None:
+    """Stage 4: lm-eval (own process), membership inference, quality; report + plots."""
+    from train.evaluate import LmEvalError, TaskNotFoundError
+    from train.report import StageOutputMissing, evaluate_and_report
+
+    cfg = _load(config_path, overrides)
+    try:
+        evaluate_and_report(cfg, compare=compare, force=force, log=click.echo)
+    except (StageOutputMissing, TaskNotFoundError, LmEvalError, ImportError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command("sft")
+@_config_options
+@click.option("--address", default=None, help="Ray cluster address (default: start locally).")
+@click.option(
+    "--dataset",
+    "dataset_path",
+    type=click.Path(exists=True),
+    default=None,
+    help="Parquet file or directory (default: this run's stage-2 dataset).",
+)
+def sft_command(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    address: str | None,
+    dataset_path: str | None,
+) -> None:
+    """Stage 3: supervised fine-tuning on Ray Train (FSDP or DDP)."""
+    from rl_system.config import ConfigError
+    from train.data import SFTDataError
+
+    cfg = _load(config_path, overrides)
+    _init_ray(address)
+    from train.sft import run_sft
+
+    try:
+        final = run_sft(cfg, dataset_path=dataset_path)
+    except (SFTDataError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"sft: Hugging Face model directory at {final}")
+
+
+@main.command("pipeline")
+@_config_options
+@click.option("--address", default=None, help="Ray cluster address (default: start locally).")
+def pipeline_command(
+    config_path: str | None, overrides: tuple[str, ...], address: str | None
+) -> None:
+    """All stages in order; finished stages are skipped, partial ones resumed."""
+    from rl_system.dataset import DatasetRunMismatch
+    from rl_system.pipeline import run_pipeline
+    from rl_system.policy import PolicyRunMismatch, load_seed_instructions
+    from rl_system.seeds import SeedFileError
+    from train.data import SFTDataError
+    from train.evaluate import LmEvalError, TaskNotFoundError
+    from train.report import StageOutputMissing
+
+    cfg = _load(config_path, overrides)
+    try:
+        load_seed_instructions(cfg)  # bad or empty seeds fail here, before Ray starts
+    except (SeedFileError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _init_ray(address)
+    try:
+        run_pipeline(cfg, log=click.echo)
+    except (
+        PolicyRunMismatch, DatasetRunMismatch, SFTDataError, ConfigError, StageOutputMissing,
+        TaskNotFoundError, LmEvalError, ImportError,
+    ) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"pipeline: done; report at {cfg.stage_dir('eval') / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""All four stages from one config: policy -> dataset -> SFT -> evaluation.
+
+    teams-rl pipeline --config configs/demo.yaml
+    ray job submit --working-dir . -- teams-rl pipeline --config configs/gpu-cluster.yaml
+
+Each stage is skipped when its outputs for the same config exist and resumed when they
+are partial (the stages own that logic; this module only orders them). The role
+applications are deployed only when a pending stage needs a model. The resolved config
+goes to ``runs/<name>/config.yaml`` and per-stage wall times to ``pipeline.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rl_system.config import TeamsRLConfig, save_resolved
+
+logger = logging.getLogger(__name__)
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs_models: bool  # whether it calls the served roles
+    is_done: Callable[[TeamsRLConfig], bool]
+    run: Callable[[TeamsRLConfig, Log], object]
+
+
+def _policy_done(cfg: TeamsRLConfig) -> bool:
+    from rl_system.policy import policy_is_done
+
+    return cfg.dataset.strategy != "policy" or policy_is_done(cfg)
+
+
+def _run_policy(cfg: TeamsRLConfig, log: Log):
+    from rl_system.policy import train_policy
+
+    return train_policy(cfg, log=log)
+
+
+def _dataset_done(cfg: TeamsRLConfig) -> bool:
+    from rl_system.dataset import dataset_is_done
+
+    return dataset_is_done(cfg)
+
+
+def _run_dataset(cfg: TeamsRLConfig, log: Log):
+    from rl_system.dataset import build_dataset
+
+    return build_dataset(cfg, log=log)
+
+
+def _sft_done(cfg: TeamsRLConfig) -> bool:
+    from train.sft import sft_is_done
+
+    return sft_is_done(cfg)
+
+
+def _run_sft(cfg: TeamsRLConfig, log: Log):
+    from train.sft import run_sft
+
+    final = run_sft(cfg)
+    log(f"sft: model at {final}")
+    return final
+
+
+def _eval_done(cfg: TeamsRLConfig) -> bool:
+    from train.report import report_is_done
+
+    return report_is_done(cfg)
+
+
+def _run_eval(cfg: TeamsRLConfig, log: Log):
+    from train.report import evaluate_and_report
+
+    return evaluate_and_report(cfg, log=log)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("policy", needs_models=True, is_done=_policy_done, run=_run_policy),
+    Stage("dataset", needs_models=True, is_done=_dataset_done, run=_run_dataset),
+    Stage("sft", needs_models=False, is_done=_sft_done, run=_run_sft),
+    Stage("eval", needs_models=False, is_done=_eval_done, run=_run_eval),
+)
+
+
+def run_pipeline(cfg: TeamsRLConfig, *, log: Log = logger.info) -> dict:
+    """Run every pending stage in order; Ray must be initialised. Returns the timings."""
+    run_dir = cfg.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, run_dir / "config.yaml")
+    pending = [s for s in STAGES if not s.is_done(cfg)]
+    done = [s.name for s in STAGES if s not in pending]
+    if done:
+        log(f"pipeline: already done for this config: {', '.join(done)}")
+    if not pending:
+        log(f"pipeline: nothing to do; outputs in {run_dir}")
+        return _read_timings(run_dir)
+    if any(s.needs_models for s in pending):
+        from serve.app import ensure_deployed
+
+        log("pipeline: deploying the model roles ...")
+        ensure_deployed(cfg)
+    timings = _read_timings(run_dir)
+    for stage in pending:
+        log(f"pipeline: stage {stage.name} started")
+        started = time.monotonic()
+        stage.run(cfg, log)
+        timings[stage.name] = round(time.monotonic() - started, 1)
+        _write_timings(run_dir, timings)
+        log(f"pipeline: stage {stage.name} finished in {timings[stage.name]:.0f} s")
+    log("pipeline: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    return timings
+
+
+def _read_timings(run_dir: Path) -> dict[str, float]:
+    path = run_dir / "pipeline.json"
+    return json.loads(path.read_text())["stage_wall_s"] if path.exists() else {}
+
+
+def _write_timings(run_dir: Path, timings: dict[str, float]) -> None:
+    tmp = run_dir / "pipeline.json.tmp"
+    tmp.write_text(json.dumps({"stage_wall_s": timings}, indent=2))
+    os.replace(tmp, run_dir / "pipeline.json")
