@@ -54,11 +54,20 @@ def _load(config_path: str | None, overrides: tuple[str, ...]) -> TeamsRLConfig:
         raise click.ClickException(str(exc)) from None
 
 
+# A local Ray started by the CLI advertises at least this many logical CPUs: our actors
+# (env runners, Serve replicas, Ray Data stages) mostly wait on model calls, and with
+# only the physical count a 2-core laptop could not place two env runners beside a replica.
+LOCAL_MIN_LOGICAL_CPUS = 8
+
+
 def _init_ray(address: str | None) -> None:
+    import os
+
     import ray
 
+    num_cpus = None if address else max(os.cpu_count() or 1, LOCAL_MIN_LOGICAL_CPUS)
     try:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, num_cpus=num_cpus, log_to_driver=True)
     except ConnectionError as exc:
         raise click.ClickException(f"cannot reach the Ray cluster at {address}: {exc}") from None
 
@@ -143,7 +152,12 @@ def train_policy_command(
     config_path: str | None, overrides: tuple[str, ...], address: str | None
 ) -> None:
     """Stage 1: train the evolution policy (TRPO, or PPO with policy.algorithm=ppo)."""
-    from rl_system.policy import PolicyRunMismatch, load_seed_instructions, train_policy
+    from rl_system.policy import (
+        InsufficientResources,
+        PolicyRunMismatch,
+        load_seed_instructions,
+        train_policy,
+    )
     from rl_system.seeds import SeedFileError
 
     cfg = _load(config_path, overrides)
@@ -157,7 +171,7 @@ def train_policy_command(
     ensure_deployed(cfg)
     try:
         summaries = train_policy(cfg, log=click.echo)
-    except PolicyRunMismatch as exc:
+    except (PolicyRunMismatch, InsufficientResources) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"policy: {len(summaries)} iterations run; outputs in {cfg.stage_dir('policy')}")
 
@@ -254,7 +268,7 @@ def pipeline_command(
     """All stages in order; finished stages are skipped, partial ones resumed."""
     from rl_system.dataset import DatasetRunMismatch
     from rl_system.pipeline import run_pipeline
-    from rl_system.policy import PolicyRunMismatch, load_seed_instructions
+    from rl_system.policy import InsufficientResources, PolicyRunMismatch, load_seed_instructions
     from rl_system.seeds import SeedFileError
     from train.data import SFTDataError
     from train.evaluate import LmEvalError, TaskNotFoundError
@@ -269,7 +283,8 @@ def pipeline_command(
     try:
         run_pipeline(cfg, log=click.echo)
     except (
-        PolicyRunMismatch, DatasetRunMismatch, SFTDataError, ConfigError, StageOutputMissing,
+        PolicyRunMismatch, InsufficientResources, DatasetRunMismatch, SFTDataError, ConfigError,
+        StageOutputMissing,
         TaskNotFoundError, LmEvalError, ImportError,
     ) as exc:
         raise click.ClickException(str(exc)) from None

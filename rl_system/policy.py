@@ -29,10 +29,15 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
+ENV_RUNNER_CPUS = 0.5  # env runners mostly wait on model calls
 
 
 class PolicyRunMismatch(RuntimeError):
     """The run directory holds a policy trained with a different config."""
+
+
+class InsufficientResources(RuntimeError):
+    """The cluster cannot place what the config asks for."""
 
 
 def _lineage_hash(cfg: TeamsRLConfig) -> str:
@@ -118,7 +123,7 @@ def algorithm_config(cfg: TeamsRLConfig, seed_instructions: list[str]):
         .env_runners(
             num_env_runners=p.num_env_runners,
             num_envs_per_env_runner=p.num_envs_per_env_runner,
-            num_cpus_per_env_runner=0.5,
+            num_cpus_per_env_runner=ENV_RUNNER_CPUS,
             sample_timeout_s=p.sample_timeout_s,
             rollout_fragment_length="auto",
         )
@@ -215,6 +220,22 @@ def _write_state(policy_dir: Path, state: dict) -> None:
     os.replace(tmp, policy_dir / STATE_FILE)  # atomic: a crash leaves the old state
 
 
+def check_resources(cfg: TeamsRLConfig) -> None:
+    """Fail with a clear message, instead of waiting forever, when the cluster can never
+    place ``policy.num_env_runners`` env runners (RLlib would block on them)."""
+    import ray
+
+    needed = cfg.policy.num_env_runners * ENV_RUNNER_CPUS
+    total = ray.cluster_resources().get("CPU", 0.0)
+    free = ray.available_resources().get("CPU", 0.0)
+    if needed > free:
+        raise InsufficientResources(
+            f"policy.num_env_runners={cfg.policy.num_env_runners} needs {needed:g} CPUs but "
+            f"only {free:g} of the cluster's {total:g} are free (Serve replicas hold the rest); "
+            "lower policy.num_env_runners or add CPUs"
+        )
+
+
 def policy_is_done(cfg: TeamsRLConfig) -> bool:
     """Whether ``policy.iterations`` iterations of this same experiment are on disk."""
     state = _read_state(cfg.stage_dir("policy").resolve())
@@ -249,6 +270,7 @@ def train_policy(
         log(f"policy: {state['iterations_done']} iterations already done in {policy_dir}")
         return []
 
+    check_resources(cfg)
     algo = algorithm_config(cfg, seeds).build_algo()
     try:
         if state["checkpoint"]:
