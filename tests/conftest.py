@@ -53,3 +53,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture()
+def ray_init_calls(monkeypatch) -> list:
+    """Records (and blocks) every ``ray.init`` call, to show a failure came before Ray."""
+    import ray
+
+    calls: list = []
+
+    def fake_init(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise RuntimeError("ray.init called")
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    return calls

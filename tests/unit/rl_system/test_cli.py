@@ -7,26 +7,24 @@ from click.testing import CliRunner
 from rl_system.cli import main
 
 
-def _run(*args: str):
-    import ray
-
+def _run(calls: list, *args: str):
     result = CliRunner().invoke(main, list(args))
-    assert not ray.is_initialized(), "failed input must not start Ray"
+    assert calls == [], "failed input must not start Ray"
     return result
 
 
-def test_malformed_seed_line_names_file_and_line(tmp_path):
+def test_malformed_seed_line_names_file_and_line(tmp_path, ray_init_calls):
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text('{"instruction": "Name a bird."}\n{"instruction": "Name a fish."}\n{oops\n')
-    result = _run("train-policy", "--set", f"dataset.seeds={seeds}")
+    result = _run(ray_init_calls, "train-policy", "--set", f"dataset.seeds={seeds}")
     assert result.exit_code == 1
     assert f"{seeds}:3" in result.output
 
 
-def test_empty_seed_set_is_refused(tmp_path):
+def test_empty_seed_set_is_refused(tmp_path, ray_init_calls):
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text('{"instruction": "   "}\n')
-    result = _run("train-policy", "--set", f"dataset.seeds={seeds}")
+    result = _run(ray_init_calls, "train-policy", "--set", f"dataset.seeds={seeds}")
     assert result.exit_code == 1
     assert "no usable seed instructions" in result.output
 
@@ -41,7 +39,7 @@ def test_skip_bad_lines_counts_instead_of_failing(tmp_path):
     assert load_seed_instructions(cfg) == ["Name a bird."]
 
 
-def test_invalid_override_names_the_field():
-    result = _run("train-policy", "--set", "policy.max_steps=0")
+def test_invalid_override_names_the_field(ray_init_calls):
+    result = _run(ray_init_calls, "train-policy", "--set", "policy.max_steps=0")
     assert result.exit_code == 1
     assert "policy.max_steps: Input should be greater than or equal to 1" in result.output

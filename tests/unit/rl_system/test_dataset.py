@@ -206,8 +206,7 @@ def test_row_schema_matches_design():
     assert json.dumps(row_schema().field("review").type.names)
 
 
-def test_cli_build_dataset_bad_seeds_fail_before_ray(tmp_path):
-    import ray
+def test_cli_build_dataset_bad_seeds_fail_before_ray(tmp_path, ray_init_calls):
     from click.testing import CliRunner
 
     from rl_system.cli import main
@@ -221,4 +220,4 @@ def test_cli_build_dataset_bad_seeds_fail_before_ray(tmp_path):
                                        "--set", f"run.dir={tmp_path}",
                                        "--set", "dataset.skip_bad_lines=true"])
     assert result.exit_code != 0 and "train-policy" in result.output  # no checkpoint
-    assert not ray.is_initialized()
+    assert ray_init_calls == []
