@@ -47,6 +47,11 @@ def _config_options(fn):
     return fn
 
 
+_address_option = click.option(
+    "--address", default=None, help="Ray cluster address, e.g. auto (default: start locally)."
+)
+
+
 def _load(config_path: str | None, overrides: tuple[str, ...]) -> TeamsRLConfig:
     try:
         return load_config(config_path, list(overrides))
@@ -101,7 +106,7 @@ def models_prepare() -> None:
 
 @main.command("serve")
 @_config_options
-@click.option("--address", default=None, help="Ray cluster address (default: start locally).")
+@_address_option
 @click.option(
     "--emit-config",
     type=click.Path(dir_okay=False),
@@ -147,7 +152,7 @@ def serve_command(
 
 @main.command("train-policy")
 @_config_options
-@click.option("--address", default=None, help="Ray cluster address (default: start locally).")
+@_address_option
 def train_policy_command(
     config_path: str | None, overrides: tuple[str, ...], address: str | None
 ) -> None:
@@ -178,7 +183,7 @@ def train_policy_command(
 
 @main.command("build-dataset")
 @_config_options
-@click.option("--address", default=None, help="Ray cluster address (default: start locally).")
+@_address_option
 def build_dataset_command(
     config_path: str | None, overrides: tuple[str, ...], address: str | None
 ) -> None:
@@ -230,7 +235,7 @@ def evaluate_command(
 
 @main.command("sft")
 @_config_options
-@click.option("--address", default=None, help="Ray cluster address (default: start locally).")
+@_address_option
 @click.option(
     "--dataset",
     "dataset_path",
@@ -261,7 +266,7 @@ def sft_command(
 
 @main.command("pipeline")
 @_config_options
-@click.option("--address", default=None, help="Ray cluster address (default: start locally).")
+@_address_option
 def pipeline_command(
     config_path: str | None, overrides: tuple[str, ...], address: str | None
 ) -> None:
