@@ -65,11 +65,29 @@ def _load(config_path: str | None, overrides: tuple[str, ...]) -> TeamsRLConfig:
 LOCAL_MIN_LOGICAL_CPUS = 8
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Ray retries an unreachable GCS for minutes; a plain TCP probe fails in seconds."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", ray:// client addresses: Ray resolves and reports these itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); check --address "
+            "(the head node's GCS port, usually 6379) and that the cluster is up"
+        ) from None
+
+
 def _init_ray(address: str | None) -> None:
     import os
 
     import ray
 
+    if address:
+        _check_reachable(address)
     num_cpus = None if address else max(os.cpu_count() or 1, LOCAL_MIN_LOGICAL_CPUS)
     try:
         ray.init(address=address, num_cpus=num_cpus, log_to_driver=True)

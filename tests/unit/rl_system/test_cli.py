@@ -43,3 +43,13 @@ def test_invalid_override_names_the_field(ray_init_calls):
     result = _run(ray_init_calls, "train-policy", "--set", "policy.max_steps=0")
     assert result.exit_code == 1
     assert "policy.max_steps: Input should be greater than or equal to 1" in result.output
+
+
+def test_unreachable_address_fails_fast_with_a_message():
+    import time
+
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["train-policy", "--address", "127.0.0.1:9"])
+    assert result.exit_code == 1
+    assert "cannot reach the Ray cluster at 127.0.0.1:9" in result.output
+    assert time.monotonic() - started < 30
