@@ -31,7 +31,10 @@ class TextEncoder:
 
     @property
     def dim(self) -> int:
-        return self._load().get_sentence_embedding_dimension()
+        model = self._load()
+        # sentence-transformers >= 6 renamed the method; older releases have only the old name
+        renamed = getattr(model, "get_embedding_dimension", None)
+        return renamed() if renamed else model.get_sentence_embedding_dimension()
 
     def _load(self):
         if self._model is None:
