@@ -203,6 +203,30 @@ def test_export_loads_in_a_fresh_process_and_generates(trained):
 
 
 @pytest.mark.slow
+def test_the_serving_layer_serves_the_export(trained, serve_port):
+    from ray import serve
+
+    from rl_system.config import load_config
+    from serve.app import build_app
+    from serve.client import LLMClient
+
+    final = str(trained["final"])
+    cfg = load_config(None, [
+        f"serve.port={serve_port}", "serve.app_name=sft-export", f"models.expert.model={final}",
+        "models.expert.sampling.max_tokens=12",
+    ])
+    cfg.models.instructor = cfg.models.reviewer = cfg.models.expert
+    serve.run(build_app(cfg), name="sft-export", route_prefix="/sft-export")
+    try:
+        client = LLMClient.from_config(cfg, "expert", transport="handle")
+        [completion] = client.generate(["Say something about the sea."])
+        assert completion.text.strip() and completion.model == final
+        assert len(client.score("Name a colour.", ["Blue", "Seven"])) == 2
+    finally:
+        serve.delete("sft-export")
+
+
+@pytest.mark.slow
 def test_rerun_reuses_a_finished_run_and_continues_a_longer_one(trained):
     stage, data = trained["stage"], trained["data"]
     logged = len(events(stage))
