@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -52,11 +53,18 @@ _address_option = click.option(
 )
 
 
-def _load(config_path: str | None, overrides: tuple[str, ...]) -> TeamsRLConfig:
+@contextmanager
+def _user_errors(*errors: type[BaseException]):
+    """Errors a user can fix end the command with their one-line message, not a traceback."""
     try:
-        return load_config(config_path, list(overrides))
-    except ConfigError as exc:
+        yield
+    except errors as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _load(config_path: str | None, overrides: tuple[str, ...]) -> TeamsRLConfig:
+    with _user_errors(ConfigError):
+        return load_config(config_path, list(overrides))
 
 
 # A local Ray started by the CLI advertises at least this many logical CPUs: our actors
@@ -115,11 +123,9 @@ def models_prepare() -> None:
     """Convert the embedded GGUF model once to a cached safetensors directory."""
     from rl_system.models import ModelNotFoundError, prepare_all
 
-    try:
+    with _user_errors(ModelNotFoundError):
         for name, path in prepare_all(log=click.echo).items():
             click.echo(f"embedded:{name} -> {path}")
-    except ModelNotFoundError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 @main.command("serve")
@@ -184,18 +190,14 @@ def train_policy_command(
     from rl_system.seeds import SeedFileError
 
     cfg = _load(config_path, overrides)
-    try:
+    with _user_errors(SeedFileError, OSError):
         load_seed_instructions(cfg)  # bad or empty seeds fail here, before Ray starts
-    except (SeedFileError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
     _init_ray(address)
     from serve.app import ensure_deployed
 
     ensure_deployed(cfg)
-    try:
+    with _user_errors(PolicyRunMismatch, InsufficientResources):
         summaries = train_policy(cfg, log=click.echo)
-    except (PolicyRunMismatch, InsufficientResources) as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(f"policy: {len(summaries)} iterations run; outputs in {cfg.stage_dir('policy')}")
 
 
@@ -211,18 +213,14 @@ def build_dataset_command(
     from rl_system.strategies import PolicyCheckpointError
 
     cfg = _load(config_path, overrides)
-    try:
+    with _user_errors(SeedFileError, PolicyCheckpointError, OSError):
         check_inputs(cfg)  # bad seeds or checkpoint fail here, before Ray starts
-    except (SeedFileError, PolicyCheckpointError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
     _init_ray(address)
     from serve.app import ensure_deployed
 
     ensure_deployed(cfg)
-    try:
+    with _user_errors(DatasetRunMismatch, PolicyCheckpointError):
         manifest = build_dataset(cfg, log=click.echo)
-    except (DatasetRunMismatch, PolicyCheckpointError) as exc:
-        raise click.ClickException(str(exc)) from None
     pairs = manifest["summary"]["pairs_written"]
     click.echo(f"dataset: {pairs} pairs in {cfg.stage_dir('dataset')}")
 
@@ -245,10 +243,8 @@ def evaluate_command(
     from train.report import StageOutputMissing, evaluate_and_report
 
     cfg = _load(config_path, overrides)
-    try:
+    with _user_errors(StageOutputMissing, TaskNotFoundError, LmEvalError, ImportError):
         evaluate_and_report(cfg, compare=compare, force=force, log=click.echo)
-    except (StageOutputMissing, TaskNotFoundError, LmEvalError, ImportError) as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 @main.command("sft")
@@ -275,10 +271,8 @@ def sft_command(
     _init_ray(address)
     from train.sft import run_sft
 
-    try:
+    with _user_errors(SFTDataError, ConfigError):
         final = run_sft(cfg, dataset_path=dataset_path)
-    except (SFTDataError, ConfigError) as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(f"sft: Hugging Face model directory at {final}")
 
 
@@ -298,19 +292,21 @@ def pipeline_command(
     from train.report import StageOutputMissing
 
     cfg = _load(config_path, overrides)
-    try:
+    with _user_errors(SeedFileError, OSError):
         load_seed_instructions(cfg)  # bad or empty seeds fail here, before Ray starts
-    except (SeedFileError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
     _init_ray(address)
-    try:
-        run_pipeline(cfg, log=click.echo)
-    except (
-        PolicyRunMismatch, InsufficientResources, DatasetRunMismatch, SFTDataError, ConfigError,
+    with _user_errors(
+        PolicyRunMismatch,
+        InsufficientResources,
+        DatasetRunMismatch,
+        SFTDataError,
+        ConfigError,
         StageOutputMissing,
-        TaskNotFoundError, LmEvalError, ImportError,
-    ) as exc:
-        raise click.ClickException(str(exc)) from None
+        TaskNotFoundError,
+        LmEvalError,
+        ImportError,
+    ):
+        run_pipeline(cfg, log=click.echo)
     click.echo(f"pipeline: done; report at {cfg.stage_dir('eval') / 'report.md'}")
 
 
