@@ -553,13 +553,7 @@ class SFTRecipe:
             sync = i == len(micro) - 1
             labels = batch["labels"].to(self.device)
             with self._grad_sync(sync):  # DDP's no_sync must span the backward
-                with self._autocast():
-                    logits = self.model(
-                        input_ids=batch["input_ids"].to(self.device),
-                        position_ids=batch["position_ids"].to(self.device),
-                        use_cache=False,  # a KV cache would switch off packed attention
-                    ).logits
-                    loss = token_loss_sum(logits, labels)
+                loss = self._loss_sum(batch, labels)
                 loss.backward()
             local[0] += loss.detach().double().cpu()
             local[1] += int((labels[:, 1:] != IGNORE_INDEX).sum())
@@ -589,6 +583,16 @@ class SFTRecipe:
             "grad_norm": float(grad_norm),
             "lr": lr,
         }
+
+    def _loss_sum(self, batch: dict[str, Any], labels: Any) -> Any:
+        """Summed token loss of one collated batch (the caller divides by label tokens)."""
+        with self._autocast():
+            logits = self.model(
+                input_ids=batch["input_ids"].to(self.device),
+                position_ids=batch["position_ids"].to(self.device),
+                use_cache=False,  # a KV cache would switch off packed attention
+            ).logits
+            return token_loss_sum(logits, labels)
 
     @contextlib.contextmanager
     def _grad_sync(self, enabled: bool) -> Iterator[None]:
@@ -629,14 +633,8 @@ class SFTRecipe:
                 if batch is None:
                     batch = collate({"input_ids": [[self.pad_id]], "labels": [[IGNORE_INDEX]]},
                                     pad_id=self.pad_id)
-                with self._autocast():
-                    logits = self.model(
-                        input_ids=batch["input_ids"].to(self.device),
-                        position_ids=batch["position_ids"].to(self.device),
-                        use_cache=False,  # a KV cache would switch off packed attention
-                    ).logits
                 labels = batch["labels"].to(self.device)
-                totals[0] += float(token_loss_sum(logits, labels))
+                totals[0] += float(self._loss_sum(batch, labels))
                 totals[1] += int((labels[:, 1:] != IGNORE_INDEX).sum())
         reduced = totals.to(self.device) if self.device.type == "cuda" else totals
         dist.all_reduce(reduced)
