@@ -73,13 +73,16 @@ def _load(config_path: str | None, overrides: tuple[str, ...]) -> TeamsRLConfig:
 LOCAL_MIN_LOGICAL_CPUS = 8
 
 
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Ray retries an unreachable GCS for minutes; a plain TCP probe fails in seconds."""
+def _check_reachable(address: str, timeout_s: float = 5.0) -> bool:
+    """Ray retries an unreachable GCS for minutes; a plain TCP probe fails in seconds.
+
+    Returns whether ``address`` was probed (a host:port); raises when it does not answer.
+    """
     import socket
 
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or "://" in address:
-        return  # "auto", ray:// client addresses: Ray resolves and reports these itself
+        return False  # "auto", ray:// client addresses: Ray resolves and reports these itself
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:
@@ -87,20 +90,38 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
             f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); check --address "
             "(the head node's GCS port, usually 6379) and that the cluster is up"
         ) from None
+    return True
 
 
 def _init_ray(address: str | None) -> None:
+    """Connect to ``--address`` (or the job's ``RAY_ADDRESS``), else start a local Ray."""
     import os
 
     import ray
+    from ray.exceptions import AuthenticationError
 
-    if address:
-        _check_reachable(address)
+    # Under `ray job submit` the driver gets RAY_ADDRESS; it must join that cluster, and
+    # Ray refuses resource arguments when joining one.
+    address = address or os.environ.get("RAY_ADDRESS")
+    probed = bool(address) and _check_reachable(address)
     num_cpus = None if address else max(os.cpu_count() or 1, LOCAL_MIN_LOGICAL_CPUS)
     try:
         ray.init(address=address, num_cpus=num_cpus, log_to_driver=True)
+    except AuthenticationError as exc:
+        raise click.ClickException(f"the Ray cluster at {address} refused us: {exc}") from None
     except ConnectionError as exc:
-        raise click.ClickException(f"cannot reach the Ray cluster at {address}: {exc}") from None
+        # When the port answered, a refusal is most often a missing or wrong token: Ray
+        # 2.60 clusters use token authentication by default.
+        hint = f". The port answers, so check the token: {_TOKEN_HINT}" if probed else ""
+        raise click.ClickException(
+            f"cannot join the Ray cluster at {address}: {exc}{hint}"
+        ) from None
+
+
+_TOKEN_HINT = (
+    "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the cluster's token (or put it in "
+    "~/.ray/auth_token); `ray get-auth-token` on the head node prints it"
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
