@@ -309,6 +309,11 @@ class EvalConfig(_Section):
 class RunConfig(_Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     dir: str = Field("runs", description="Parent of every run directory (relative = cwd).")
+    autoscaling_cluster: bool = Field(
+        False,
+        description="The cluster adds nodes on demand (Ray autoscaler, KubeRay): GPU requests "
+        "larger than the nodes present now are left to the autoscaler instead of refused.",
+    )
 
 
 class TeamsRLConfig(_Section):

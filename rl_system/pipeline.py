@@ -103,7 +103,12 @@ def run_pipeline(cfg: TeamsRLConfig, *, log: Log = logger.info) -> dict:
     if not pending:
         log(f"pipeline: nothing to do; outputs in {run_dir}")
         return _read_timings(run_dir)
-    if any(s.needs_models for s in pending):
+    needs_models = any(s.needs_models for s in pending)
+    from rl_system.placement import check_gpu_demands
+
+    # Before any stage: a GPU request the cluster can never hold would hang stage N later.
+    check_gpu_demands(cfg, stages=[s.name for s in pending] + (["serve"] if needs_models else []))
+    if needs_models:
         from serve.app import ensure_deployed
 
         log("pipeline: deploying the model roles ...")

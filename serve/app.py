@@ -181,6 +181,9 @@ def deploy(cfg: TeamsRLConfig) -> str:
     """
     from ray import serve
 
+    from rl_system.placement import check_gpu_demands
+
+    check_gpu_demands(cfg, stages=["serve"])  # a replica no node can hold would never start
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     if llm_server_specs(cfg):
         serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/", blocking=False)
