@@ -333,6 +333,7 @@ class SFTDatasets:
 
     train: Any  # ray.data.MaterializedDataset of training rows
     eval: Any | None  # same, or None when no record was held out
+    heldout: list[dict[str, Any]]  # the held-out source records (never trained on)
     files: list[Path]
     records: int  # rows read from parquet
     train_rows: int  # rows after tokenization (and packing)
@@ -374,8 +375,10 @@ def load_sft_datasets(
     files = parquet_files(path)
     n_records = validate_files(files)
     columns = [*REQUIRED_COLUMNS]
-    if all(OPTIONAL_COLUMNS[0] in pq.read_schema(f).names for f in files):
-        columns.append(OPTIONAL_COLUMNS[0])
+    # "id" travels along (tokenization ignores it) so held-out records can be named later.
+    for optional in (*OPTIONAL_COLUMNS, "id"):
+        if all(optional in pq.read_schema(f).names for f in files):
+            columns.append(optional)
     raw = ray.data.read_parquet([str(f) for f in files]).select_columns(columns)
     n_eval = 0
     if eval_fraction > 0 and n_records >= 2:
@@ -411,6 +414,9 @@ def load_sft_datasets(
     return SFTDatasets(
         train=train,
         eval=eval_ds if eval_stats.get("rows") else None,
+        # The held-out split is a small fraction by construction; it is what the
+        # membership-inference attack later scores as non-members.
+        heldout=raw_eval.take_all() if raw_eval is not None else [],
         files=list(files),
         records=n_records,
         train_rows=train_stats["rows"],

@@ -131,14 +131,13 @@ def evaluate_run(
     """lm-eval and membership inference on ``run_dir/sft/final``; outputs in ``eval/``.
 
     Parts whose output exists are kept unless ``force``. MIA members are a sample of the
-    run's dataset (what SFT trained on, minus its small held-out split); non-members come
-    from ``eval.mia_non_members``; without it ``mia.json`` records why it was skipped.
+    records SFT trained on (the run's dataset minus SFT's held-out split); non-members are
+    ``eval.mia_non_members`` when set, else that held-out split (``sft/heldout.parquet``,
+    written when ``sft.eval_fraction`` > 0). With neither, ``mia.json`` says why it was
+    skipped.
     Returns ``{"lm_eval": ..., "mia": ..., "timings_s": {...}}``.
     """
-    import numpy as np
-
     from train.evaluate import run_lm_eval
-    from train.privacy import run_mia
 
     model_dir = require(run_dir, "sft").parent
     dataset_dir = require(run_dir, "dataset")
@@ -155,33 +154,60 @@ def evaluate_run(
     mia_path = eval_dir / MIA_FILE
     if force or not mia_path.exists():
         started = time.monotonic()
-        if cfg.mia_non_members is None:
-            mia = {"skipped": "eval.mia_non_members is not set: give held-out records of the "
-                              "training distribution to run the membership-inference attack"}
-        else:
-            from transformers import AutoTokenizer
-
-            from rl_system.quality import load_rows
-
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            rng = np.random.default_rng(0)
-            members = load_rows(dataset_dir)
-            non_members = _read_records(Path(cfg.mia_non_members))
-            n = min(cfg.mia_samples, len(members), len(non_members))
-            members = [members[i] for i in sorted(rng.choice(len(members), n, replace=False))]
-            non_members = [non_members[i]
-                           for i in sorted(rng.choice(len(non_members), n, replace=False))]
-            log(f"evaluate {run_dir.name}: membership inference, {n} members vs {n} non-members")
-            mia = run_mia(model_dir, mia_items(members, tokenizer),
-                          mia_items(non_members, tokenizer), min_k=cfg.mia_min_k,
-                          max_tokens=cfg.mia_max_tokens, device=cfg.device)
+        mia = _membership_inference(run_dir, model_dir, dataset_dir, cfg, log=log)
+        mia["elapsed_s"] = round(time.monotonic() - started, 2)
         mia_path.write_text(json.dumps(mia, indent=2))
-        timings["mia"] = round(time.monotonic() - started, 2)
+        timings["mia"] = mia["elapsed_s"]
     return {
         "lm_eval": json.loads(lm_path.read_text()),
         "mia": json.loads(mia_path.read_text()),
         "timings_s": timings,
     }
+
+
+def _record_key(record: dict[str, Any]) -> Any:
+    return record.get("id") or (record.get("instruction"), record.get("response"))
+
+
+def _membership_inference(run_dir: Path, model_dir: Path, dataset_dir: Path, cfg: EvalConfig,
+                          *, log: Callable[[str], None]) -> dict[str, Any]:
+    import numpy as np
+
+    from rl_system.quality import load_rows
+    from train.privacy import run_mia
+    from train.sft import HELDOUT_FILE
+
+    heldout_path = run_dir / "sft" / HELDOUT_FILE
+    heldout = _read_records(heldout_path) if heldout_path.exists() else []
+    if cfg.mia_non_members is not None:
+        non_members, source = _read_records(Path(cfg.mia_non_members)), cfg.mia_non_members
+    else:
+        non_members, source = heldout, str(heldout_path)
+    if len(non_members) < 2:
+        return {"skipped": f"fewer than 2 non-member records ({source}); set sft.eval_fraction "
+                           "> 0 before SFT, or eval.mia_non_members to held-out records of "
+                           "the training distribution"}
+    # Members are what SFT trained on: the held-out split never was.
+    heldout_keys = {_record_key(r) for r in heldout}
+    members = [r for r in load_rows(dataset_dir) if _record_key(r) not in heldout_keys]
+    n = min(cfg.mia_samples, len(members), len(non_members))
+    if n < 2:
+        return {"skipped": f"fewer than 2 training records left as members in {dataset_dir}"}
+    rng = np.random.default_rng(0)
+    members = [members[i] for i in sorted(rng.choice(len(members), n, replace=False))]
+    non_members = [non_members[i] for i in sorted(rng.choice(len(non_members), n,
+                                                              replace=False))]
+    log(f"evaluate {run_dir.name}: membership inference, {n} members vs {n} non-members "
+        f"from {source}")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    mia = run_mia(model_dir, mia_items(members, tokenizer), mia_items(non_members, tokenizer),
+                  min_k=cfg.mia_min_k, max_tokens=cfg.mia_max_tokens, device=cfg.device)
+    return {**mia, "non_members_from": source,
+            # Which records were scored, so a reader can audit the member/non-member split.
+            "member_ids": [r.get("id") for r in members],
+            "non_member_ids": [r.get("id") for r in non_members]}
 
 
 # ---------------------------------------------------------------------------------------
@@ -342,8 +368,17 @@ def render_markdown(report: dict[str, Any]) -> str:
                                    for r in runs]])
         rows.append([f"{a} TPR@1%FPR", *[(p[r].get("attacks") or {}).get(a, {})
                                          .get("tpr_at_1pct_fpr") for r in runs]])
+    rows.append(["members / non-members scored",
+                 *[f"{p[r].get('n_members', 0)} / {p[r].get('n_non_members', 0)}" for r in runs]])
     skipped = [f"- `{r}`: skipped — {p[r]['skipped']}" for r in runs if p[r].get("skipped")]
     out += [_table(["attack", *runs], rows), "", *skipped, "", plot("mia_roc")]
+
+    out += ["## Where the evaluation time went (wall seconds)", ""]
+    t = report["eval_timings_s"]
+    out += [_table(["part", *runs], [[k, *[t[r].get(k) for r in runs]]
+                                     for k in ("lm_eval", "mia")]), ""]
+    out += ["Report (all runs): " + ", ".join(f"{k} {v:.1f} s"
+                                                for k, v in report["timings_s"].items()), ""]
     return "\n".join(out) + "\n"
 
 
@@ -423,8 +458,8 @@ def build_report(
     for n in names:
         total = queries[n]["expert_queries_total"]
         queries[n]["relative_to_baseline"] = (total / base_total) if base_total else None
-    benchmarks = {n: json.loads(inputs[n]["benchmarks"].read_text()).get("tasks", {})
-                  for n in names}
+    benchmarks_raw = {n: json.loads(inputs[n]["benchmarks"].read_text()) for n in names}
+    benchmarks = {n: benchmarks_raw[n].get("tasks", {}) for n in names}
     privacy = {n: json.loads(inputs[n]["privacy"].read_text()) for n in names}
 
     plots = {}
@@ -449,6 +484,9 @@ def build_report(
         "benchmarks": benchmarks,
         "privacy": privacy,
         "plots": plots,
+        # lm-eval and MIA each record their wall time in their own output file.
+        "eval_timings_s": {n: {"lm_eval": benchmarks_raw[n].get("elapsed_s"),
+                               "mia": privacy[n].get("elapsed_s")} for n in names},
         "timings_s": {**timings, "total": round(time.monotonic() - started, 3)},
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -58,6 +58,9 @@ RAY_TRAIN_NAME = "ray_train"
 FINAL_MARKER = "teams_rl_sft.json"
 TRAINER_STATE = "trainer_state.json"
 FAIL_ONCE_MARKER = "fail_once_at_step.done"
+# The records held out of training (sft.eval_fraction): the eval loss scores them, and
+# stage 4's membership-inference attack uses them as non-members.
+HELDOUT_FILE = "heldout.parquet"
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,6 +214,7 @@ def run_sft(cfg: TeamsRLConfig, *, dataset_path: str | os.PathLike | None = None
     )
     stage.mkdir(parents=True, exist_ok=True)
     _append_jsonl(plan.metrics_path, {"event": "data", **data.summary(), "time": time.time()})
+    write_heldout(stage / HELDOUT_FILE, data.heldout)
     datasets = {"train": data.train}
     if data.eval is not None:
         datasets["eval"] = data.eval
@@ -273,6 +277,19 @@ def check_resources(sft: SFTConfig, *, needed: dict[str, float]) -> None:
             f"({per_worker:g} per worker) but the Ray cluster has {have:g} {resource} "
             f"({available.get(resource, 0.0):g} available now); {fix}"
         )
+
+
+def write_heldout(path: Path, records: list[dict[str, Any]]) -> None:
+    """The held-out records as parquet (atomically); no file when nothing was held out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not records:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(pa.Table.from_pylist(records), tmp)
+    os.replace(tmp, path)
 
 
 def _final_matches(final: Path, key: str) -> bool:

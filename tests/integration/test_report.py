@@ -96,7 +96,7 @@ def test_report_fills_every_section(two_runs, tmp_path):
     assert report["quality"]["policy-run"]["embedding"]["dispersion"] > 0
     md = (out / "report.md").read_text()
     for heading in ("Policy training", "Expert queries", "Dataset quality", "Benchmarks",
-                    "membership inference"):
+                    "membership inference", "Where the evaluation time went"):
         assert heading in md
     assert "teams_rl_mc" in md and "policy-run" in md and "wizardlm-run" in md
 
