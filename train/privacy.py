@@ -185,9 +185,10 @@ def token_logprobs(
             for row, (ids, _) in enumerate(chunk):
                 input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
                 mask[row, : len(ids)] = 1
+            input_ids, mask = input_ids.to(model.device), mask.to(model.device)
             logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()
             for row, (ids, start) in enumerate(chunk):
                 # picked[:, t - 1] is log p(token t | tokens < t)
                 out.append(picked[row, start - 1 : len(ids) - 1].double().numpy())

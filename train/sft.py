@@ -44,7 +44,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -415,38 +415,10 @@ class SFTRecipe:
         model = AutoModelForCausalLM.from_pretrained(
             resolve_model(self.sft.base_model), dtype=torch.float32
         )
-        model.config.use_cache = False
-        if self.sft.activation_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        bf16 = self.device.type == "cuda"
-        if self.sft.strategy == "fsdp":
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            mesh = init_device_mesh(self.device.type, (self.world,))
-            # bf16 compute with fp32 master weights and fp32 gradient reduction on GPU.
-            mp = MixedPrecisionPolicy(
-                param_dtype=torch.bfloat16 if bf16 else None,
-                reduce_dtype=torch.float32 if bf16 else None,
-            )
-            # One FSDP unit per decoder layer: only one layer is unsharded at a time.
-            for layer in _decoder_layers(model):
-                fully_shard(layer, mesh=mesh, mp_policy=mp)
-            fully_shard(model, mesh=mesh, mp_policy=mp)  # embeddings, final norm, lm_head
-            self._autocast = contextlib.nullcontext
-        else:
-            from torch.nn.parallel import DistributedDataParallel
-
-            model.to(self.device)
-            model = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-            self._autocast = (
-                functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
-                if bf16 else contextlib.nullcontext
-            )
+        model, self._autocast = wrap_for_training(
+            model, strategy=self.sft.strategy, device=self.device, world_size=self.world,
+            activation_checkpointing=self.sft.activation_checkpointing,
+        )
         return model
 
     # -- checkpoints ----------------------------------------------------------------
@@ -805,6 +777,44 @@ class SFTRecipe:
     def _event(self, event: str, **fields: Any) -> None:
         if self.rank == 0:
             _append_jsonl(self.plan.metrics_path, {"event": event, **fields, "time": time.time()})
+
+
+def wrap_for_training(
+    model: Any, *, strategy: str, device: Any, world_size: int, activation_checkpointing: bool
+) -> tuple[Any, Callable[[], Any]]:
+    """Shard (FSDP2) or replicate (DDP) ``model`` over the process group; on CUDA, compute
+    in bf16 with fp32 master weights. Returns the model and the autocast context factory
+    each forward pass runs under. The process group must be initialised."""
+    import torch
+
+    model.config.use_cache = False
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    bf16 = device.type == "cuda"
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (world_size,))
+        # bf16 compute with fp32 master weights and fp32 gradient reduction on GPU.
+        mp = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if bf16 else None,
+            reduce_dtype=torch.float32 if bf16 else None,
+        )
+        # One FSDP unit per decoder layer: only one layer is unsharded at a time.
+        for layer in _decoder_layers(model):
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)  # embeddings, final norm, lm_head
+        return model, contextlib.nullcontext
+    from torch.nn.parallel import DistributedDataParallel
+
+    model.to(device)
+    model = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+    autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if bf16
+                else contextlib.nullcontext)
+    return model, autocast
 
 
 def _reportable(metrics: dict[str, Any]) -> dict[str, Any]:
