@@ -86,3 +86,43 @@ def dataset_metrics() -> SimpleNamespace:
             tag_keys=("strategy",),
         ),
     )
+
+
+@lru_cache(maxsize=1)
+def pipeline_metrics() -> SimpleNamespace:
+    """Driver-side progress of ``teams-rl pipeline`` and stage 4's headline results."""
+    from ray.util.metrics import Gauge
+
+    return SimpleNamespace(
+        stage_running=Gauge(
+            "teams_rl_pipeline_stage_running",
+            description="1 while the pipeline stage runs, 0 once it has finished.",
+            tag_keys=("run", "stage"),
+        ),
+        stage_wall_s=Gauge(
+            "teams_rl_pipeline_stage_wall_s",
+            description="Wall seconds the pipeline stage took.",
+            tag_keys=("run", "stage"),
+        ),
+        eval_accuracy=Gauge(
+            "teams_rl_eval_accuracy",
+            description="lm-eval accuracy of a run's SFT model, by task.",
+            tag_keys=("run", "task"),
+        ),
+        mia_auc=Gauge(
+            "teams_rl_eval_mia_auc",
+            description="Membership-inference ROC AUC of a run's SFT model, by attack.",
+            tag_keys=("run", "attack"),
+        ),
+    )
+
+
+def maybe_pipeline_metrics() -> SimpleNamespace | None:
+    """``pipeline_metrics()`` inside a Ray driver or worker, else ``None`` (e.g. a plain
+    ``teams-rl evaluate``, which runs without Ray)."""
+    try:
+        import ray
+
+        return pipeline_metrics() if ray.is_initialized() else None
+    except ImportError:
+        return None

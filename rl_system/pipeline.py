@@ -102,35 +102,63 @@ def run_pipeline(cfg: TeamsRLConfig, *, log: Log = logger.info) -> dict:
         log(f"pipeline: already done for this config: {', '.join(done)}")
     if not pending:
         log(f"pipeline: nothing to do; outputs in {run_dir}")
-        return _read_timings(run_dir)
+        return _read_state(run_dir).get("stage_wall_s", {})
     needs_models = any(s.needs_models for s in pending)
     from rl_system.placement import check_gpu_demands
 
     # Before any stage: a GPU request the cluster can never hold would hang stage N later.
     check_gpu_demands(cfg, stages=[s.name for s in pending] + (["serve"] if needs_models else []))
+    # Role apps this run started (also in an earlier, interrupted attempt) are released once
+    # no stage needs them; a running `teams-rl serve` of someone else's is reused and kept.
+    deployed_here = False
     if needs_models:
-        from serve.app import ensure_deployed
+        from serve.app import ensure_deployed, is_deployed
 
-        log("pipeline: deploying the model roles ...")
+        running = is_deployed(cfg)
+        deployed_here = not running or _read_state(run_dir).get("roles_deployed_by_run", False)
+        log("pipeline: reusing the running model roles" if running
+            else "pipeline: deploying the model roles ...")
         ensure_deployed(cfg)
-    timings = _read_timings(run_dir)
-    for stage in pending:
+        if deployed_here:
+            _write_state(run_dir, roles_deployed_by_run=True)
+    from rl_system.metrics import maybe_pipeline_metrics
+
+    metrics = maybe_pipeline_metrics()
+    timings = _read_state(run_dir).get("stage_wall_s", {})
+    for i, stage in enumerate(pending):
+        if deployed_here and not any(s.needs_models for s in pending[i:]):
+            # SFT and evaluation need the CPUs, GPUs and memory the idle replicas hold; on a
+            # fixed-size GPU cluster SFT would otherwise wait for them forever.
+            from serve.app import undeploy
+
+            log("pipeline: no stage left needs the model roles; releasing their replicas")
+            undeploy(cfg)
+            _write_state(run_dir, roles_deployed_by_run=False)
+            deployed_here = False
+        tags = {"run": cfg.run.name, "stage": stage.name}
         log(f"pipeline: stage {stage.name} started")
+        if metrics:
+            metrics.stage_running.set(1, tags=tags)
         started = time.monotonic()
         stage.run(cfg, log)
         timings[stage.name] = round(time.monotonic() - started, 1)
-        _write_timings(run_dir, timings)
+        _write_state(run_dir, stage_wall_s=timings)
+        if metrics:
+            metrics.stage_running.set(0, tags=tags)
+            metrics.stage_wall_s.set(timings[stage.name], tags=tags)
         log(f"pipeline: stage {stage.name} finished in {timings[stage.name]:.0f} s")
     log("pipeline: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     return timings
 
 
-def _read_timings(run_dir: Path) -> dict[str, float]:
+def _read_state(run_dir: Path) -> dict:
+    """``pipeline.json``: ``stage_wall_s`` per stage, ``roles_deployed_by_run``."""
     path = run_dir / "pipeline.json"
-    return json.loads(path.read_text())["stage_wall_s"] if path.exists() else {}
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _write_timings(run_dir: Path, timings: dict[str, float]) -> None:
+def _write_state(run_dir: Path, **updates) -> None:
+    state = {**_read_state(run_dir), **updates}
     tmp = run_dir / "pipeline.json.tmp"
-    tmp.write_text(json.dumps({"stage_wall_s": timings}, indent=2))
+    tmp.write_text(json.dumps(state, indent=2))
     os.replace(tmp, run_dir / "pipeline.json")

@@ -193,3 +193,13 @@ def deploy(cfg: TeamsRLConfig) -> str:
                   route_prefix=VLLM_ROUTE_PREFIX, blocking=False)
     return cfg.serve.base_url
 
+
+
+def undeploy(cfg: TeamsRLConfig) -> None:
+    """Delete the role applications (their replicas' CPUs, GPUs and memory are freed)."""
+    from ray import serve
+
+    deployed = serve.status().applications
+    for name in (cfg.serve.app_name, f"{cfg.serve.app_name}-vllm"):
+        if name in deployed:
+            serve.delete(name)

@@ -511,7 +511,24 @@ def evaluate_and_report(
         evaluate_run(run, cfg.eval, force=force, log=log)
     report = build_report(runs, cfg.stage_dir("eval").resolve())
     log(f"report: {cfg.stage_dir('eval') / 'report.md'} ({len(report['plots'])} plots)")
+    _record_metrics(report)
     return report
+
+
+def _record_metrics(report: dict[str, Any]) -> None:
+    """The report's headline numbers as gauges, for the dashboard (inside Ray only)."""
+    from rl_system.metrics import maybe_pipeline_metrics
+
+    metrics = maybe_pipeline_metrics()
+    if metrics is None:
+        return
+    for run, tasks in report["benchmarks"].items():
+        for task, scores in tasks.items():
+            if scores.get("acc") is not None:
+                metrics.eval_accuracy.set(scores["acc"], tags={"run": run, "task": task})
+    for run, privacy in report["privacy"].items():
+        for attack, result in (privacy.get("attacks") or {}).items():
+            metrics.mia_auc.set(result["auc"], tags={"run": run, "attack": attack})
 
 
 def report_is_done(cfg: TeamsRLConfig) -> bool:

@@ -145,7 +145,7 @@ class LocalCluster:
                 p.send_signal(signal.SIGTERM)
             except psutil.Error:
                 pass
-        _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+        _, alive = psutil.wait_procs(list(procs.values()), timeout=5)
         for p in alive:
             try:
                 p.kill()

@@ -8,8 +8,10 @@ submitted three times to the cluster of ``conftest.LocalCluster``:
 3. submitted once more on the finished run: no stage runs and no model is queried.
 
 The role deployment asks for one GPU per replica (``serve.num_gpus=1``), so Serve must
-place it on the node with the fake GPU. While the jobs run, both nodes' Prometheus
-endpoints are scraped for ``teams_rl_`` series.
+place it on the node with the fake GPU; lm-eval asks for that same GPU
+(``eval.num_gpus=1``), so the pipeline must release the role replicas once no stage needs
+them, or stage 4 would wait forever. While the jobs run, both nodes' Prometheus endpoints
+are scraped for ``teams_rl_`` series.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def pipeline_overrides(run_root: Path, serve_port: int) -> list[str]:
         "dataset.num_seeds=8", "models.expert.sampling.max_tokens=32",
         "sft.num_workers=1", "sft.max_steps=2", "sft.max_seq_len=128",
         "sft.eval_fraction=0.0", "sft.checkpoint_every_steps=2",
-        "eval.limit=4",
+        "eval.limit=4", "eval.num_gpus=1",
     ]
 
 
@@ -112,6 +114,18 @@ def logs(cluster, job_id: str) -> str:
     return cluster.ray_cli("job", "logs", "--address", cluster.dashboard, job_id).stdout
 
 
+def serve_replicas(cluster) -> list[dict]:
+    """Live Serve replicas: class name, node and the GPUs they asked for."""
+    return cluster.query("""
+        from ray.util.state import list_actors
+        print(json.dumps([{"name": a.class_name, "node": a.node_id,
+                           "gpus": (a.required_resources or {}).get("GPU", 0)}
+                          for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True,
+                                               limit=10000)
+                          if a.class_name.startswith("ServeReplica")]))
+    """)
+
+
 def cached_answers(run: Path) -> int:
     cache = run / "dataset" / "cache"
     return sum(len(p.read_text().splitlines()) for p in cache.glob("*.jsonl")) if cache.is_dir() \
@@ -130,6 +144,7 @@ def jobs(local_cluster):
         submit(cluster, overrides, "teams-rl-interrupted")
         status = wait_for(cluster, "teams-rl-interrupted", until=lambda: cached_answers(run) >= 4)
         assert status == "RUNNING", logs(cluster, "teams-rl-interrupted")[-5000:]
+        out["replicas_in_stage_2"] = serve_replicas(cluster)
         cluster.ray_cli("job", "stop", "--address", cluster.dashboard, "teams-rl-interrupted")
         out["interrupted_status"] = wait_for(cluster, "teams-rl-interrupted", timeout_s=120)
         out["cached_at_stop"] = cached_answers(run)
@@ -142,6 +157,7 @@ def jobs(local_cluster):
         out["resumed_wall_s"] = time.monotonic() - started
         out["resumed_logs"] = logs(cluster, "teams-rl-resumed")
         assert out["resumed_status"] == "SUCCEEDED", out["resumed_logs"][-8000:]
+        out["replicas_after"] = serve_replicas(cluster)
         time.sleep(5)  # one more metrics report interval
         scraper.scrape()
         out["requests_before_rerun"] = dict(scraper.requests_total)
@@ -201,25 +217,23 @@ def test_rerun_of_a_finished_run_does_nothing(jobs):
 def test_teams_rl_series_reach_prometheus(jobs):
     series = jobs["series"]
     for name in ("ray_teams_rl_llm_requests_total", "ray_teams_rl_queries_total",
-                 "ray_teams_rl_dataset_pairs_total", "ray_teams_rl_sft_loss"):
+                 "ray_teams_rl_dataset_pairs_total", "ray_teams_rl_sft_loss",
+                 "ray_teams_rl_pipeline_stage_running", "ray_teams_rl_pipeline_stage_wall_s",
+                 "ray_teams_rl_eval_accuracy"):
         assert name in series, sorted(series)
     assert any(s.startswith("ray_teams_rl_policy_") for s in series), sorted(series)
     assert sum(jobs["requests_before_rerun"].values()) > 0
 
 
-def test_gpu_replicas_run_on_the_fake_gpu_node(jobs, local_cluster):
+def test_gpu_replicas_run_on_the_fake_gpu_node_until_released(jobs, local_cluster):
     gpu_nodes = {n["id"] for n in local_cluster.nodes() if n["gpus"] > 0}
-    replicas = local_cluster.query("""
-        from ray.util.state import list_actors
-        print(json.dumps([{"name": a.class_name, "node": a.node_id,
-                           "gpus": (a.required_resources or {}).get("GPU", 0)}
-                          for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True,
-                                               limit=10000)
-                          if a.class_name.startswith("ServeReplica")]))
-    """)
-    asking = [r for r in replicas if r["gpus"] > 0]
-    assert asking, replicas
-    assert all(r["node"] in gpu_nodes for r in asking), (replicas, gpu_nodes)
+    asking = [r for r in jobs["replicas_in_stage_2"] if r["gpus"] > 0]
+    assert asking, jobs["replicas_in_stage_2"]
+    assert all(r["node"] in gpu_nodes for r in asking), (asking, gpu_nodes)
+    # the resumed job released them before SFT, so lm-eval could take the one GPU
+    assert "no stage left needs the model roles; releasing their replicas" in \
+        jobs["resumed_logs"]
+    assert not [r for r in jobs["replicas_after"] if r["gpus"] > 0], jobs["replicas_after"]
 
 
 def test_a_gpu_count_the_cluster_never_has_fails_with_a_message(jobs, local_cluster):

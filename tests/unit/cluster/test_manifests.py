@@ -352,6 +352,10 @@ def test_grafana_dashboard_covers_every_stage():
         "ray_teams_rl_policy_episode_return_mean", "ray_teams_rl_policy_info_gain",
         "ray_teams_rl_policy_elimination_rate", "ray_serve_deployment_replica_healthy",
         "ray_teams_rl_sft_loss", "ray_teams_rl_sft_tokens_per_second",
+        "ray_teams_rl_dataset_evolutions_total", "ray_teams_rl_dataset_pairs_total",
+        "ray_teams_rl_dataset_queries_total", "ray_teams_rl_pipeline_stage_running",
+        "ray_teams_rl_pipeline_stage_wall_s", "ray_teams_rl_eval_accuracy",
+        "ray_teams_rl_eval_mia_auc",
     }
     assert required <= used, sorted(required - used)
     queries = " ".join(_dashboard_queries())
