@@ -35,7 +35,7 @@ SCRIPT = {
     ],
     "default": "Answer to: {last_user}",
     "score": {"prefer": "Not Equal", "when_bracketed_differ": True},
-    "latency_s": 0.25,
+    "latency_s": 0.1,  # enough for the SIGKILL test to land mid-build
 }
 
 
