@@ -185,7 +185,8 @@ def serve_command(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        url = deploy(cfg)
+        with _user_errors(ConfigError):  # e.g. a GPU count no node has (rl_system.placement)
+            url = deploy(cfg)
         auth = "on (Authorization: Bearer $TEAMS_RL_API_KEY)" if cfg.serve.api_key else "off"
         click.echo(f"serving roles at {url}  (auth {auth}); Ctrl-C to stop")
         stop.wait()
@@ -216,7 +217,8 @@ def train_policy_command(
     _init_ray(address)
     from serve.app import ensure_deployed
 
-    ensure_deployed(cfg)
+    with _user_errors(ConfigError):  # e.g. a GPU count no node has (rl_system.placement)
+        ensure_deployed(cfg)
     with _user_errors(PolicyRunMismatch, InsufficientResources):
         summaries = train_policy(cfg, log=click.echo)
     click.echo(f"policy: {len(summaries)} iterations run; outputs in {cfg.stage_dir('policy')}")
@@ -239,7 +241,8 @@ def build_dataset_command(
     _init_ray(address)
     from serve.app import ensure_deployed
 
-    ensure_deployed(cfg)
+    with _user_errors(ConfigError):  # e.g. a GPU count no node has (rl_system.placement)
+        ensure_deployed(cfg)
     with _user_errors(DatasetRunMismatch, PolicyCheckpointError):
         manifest = build_dataset(cfg, log=click.echo)
     pairs = manifest["summary"]["pairs_written"]

@@ -70,3 +70,16 @@ def test_serve_until_interrupted(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_serve_refuses_a_gpu_count_no_node_has():
+    env = {**os.environ, "RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [*CLI, "serve", "--config", "configs/demo.yaml", "--set", "serve.num_gpus=64",
+         "--set", f"serve.port={free_port()}"],
+        capture_output=True, text=True, env=env, timeout=180,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "asks for 64 GPU on one node (serve.num_gpus)" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
