@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from rl_system.config import ConfigError, TeamsRLConfig
+from rl_system.config import ROLES, ConfigError, TeamsRLConfig
 
 
 class UnplaceableRequest(ConfigError):
@@ -46,7 +46,7 @@ def serve_gpu_demands(cfg: TeamsRLConfig) -> list[GpuDemand]:
             demands.append(GpuDemand(f"Serve deployment '{name}'", "serve.num_gpus",
                                      cfg.serve.num_gpus, replicas))
     seen = set()
-    for role in ("instructor", "reviewer", "expert"):
+    for role in ROLES:
         role_cfg = cfg.models.role(role)
         if role_cfg.backend != "vllm" or role_cfg.model in seen:
             continue
