@@ -5,8 +5,10 @@
 
 Each stage is skipped when its outputs for the same config exist and resumed when they
 are partial (the stages own that logic; this module only orders them). The role
-applications are deployed only when a pending stage needs a model. The resolved config
-goes to ``runs/<name>/config.yaml`` and per-stage wall times to ``pipeline.json``.
+applications are deployed only when a pending stage needs a model, and the ones this run
+started are released once no stage left needs them. The resolved config goes to
+``runs/<name>/config.yaml``; per-stage wall times and whether this run started the roles
+go to ``pipeline.json``.
 """
 
 from __future__ import annotations
