@@ -35,11 +35,17 @@ PromptLike = GenerationRequest | str | Sequence[dict] | Sequence[ChatMessage]
 
 
 class LLMCallError(RuntimeError):
-    """A model call failed or timed out; ``role`` says which role, the message says why."""
+    """A model call failed or timed out; ``role`` says which role, the message says why.
 
-    def __init__(self, role: str, message: str):
+    ``transient`` (from the backend's error; see ``BackendError``): the call may succeed
+    if made again later. Stage code keeps transiently failed work pending (never complete)
+    and counts a non-transient failure as a failed evolution.
+    """
+
+    def __init__(self, role: str, message: str, *, transient: bool = True):
         super().__init__(f"{role}: {message}")
         self.role = role
+        self.transient = transient
 
 
 @dataclass
@@ -215,7 +221,8 @@ class LLMClient:
         for r in results:
             if isinstance(r, BaseException):
                 message = str(getattr(r, "cause", None) or r).strip().splitlines()
-                err = LLMCallError(self.role, message[-1] if message else type(r).__name__)
+                err = LLMCallError(self.role, message[-1] if message else type(r).__name__,
+                                   transient=_is_transient(r))
                 self._record(failed=True)
                 first_error = first_error or err
                 out.append(err)
@@ -281,6 +288,16 @@ class LLMClient:
         results = await self.transport.ascore([self._score_request(p, c) for p, c in items])
         results = self._account(results, return_exceptions=return_exceptions)
         return [r if isinstance(r, BaseException) else r.logprobs for r in results]
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """A backend error says for itself; anything else (a dead actor, a lost connection)
+    is an infrastructure failure that a later attempt may get past."""
+    cause = getattr(exc, "cause", None)
+    for e in (exc, cause):
+        if isinstance(e, BackendError):
+            return e.transient
+    return True
 
 
 def _ingress_backend(cfg, role_cfg, role: str):

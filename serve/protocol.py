@@ -84,7 +84,19 @@ class LLMBackend(Protocol):
 
 
 class BackendError(RuntimeError):
-    """A backend could not serve a request; the message is safe to show to the caller."""
+    """A backend could not serve a request; the message is safe to show to the caller.
+
+    ``transient``: whether the same request may succeed later (overload, timeout, a dead
+    replica, a network error). A request the server rejects as it stands (too long, bad
+    field) is not transient: retrying it, now or in a resumed run, cannot help.
+    """
+
+    transient: bool = True
+
+    def __init__(self, message: str = "", *, transient: bool | None = None):
+        super().__init__(message)
+        if transient is not None:
+            self.transient = transient
 
 
 class BackendTimeoutError(BackendError):
