@@ -121,6 +121,11 @@ class ServeConfig(_Section):
     api_key: SecretStr | None = Field(
         None, description=f"Bearer token for the HTTP ingress; also read from ${API_KEY_ENV}."
     )
+    api_key_file: str | None = Field(
+        None,
+        description=f"File holding the ingress key (a mounted secret); ${API_KEY_ENV} wins. "
+        "The path, never the key, is config (serve.auth).",
+    )
     max_batch_size: int = Field(8, ge=1, le=512, description="Dynamic batching per replica.")
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=10)
     max_ongoing_requests: int = Field(64, ge=1)
