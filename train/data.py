@@ -287,6 +287,35 @@ def validate_files(files: Sequence[Path]) -> int:
     return total
 
 
+def heldout_groups(groups: Sequence[str], *, eval_fraction: float, seed: int) -> set[str]:
+    """The groups (seed ids) whose rows form the held-out split.
+
+    ``groups``: one entry per record. Whole groups are drawn in a ``seed``-ed order until
+    they cover ``round(len(groups) * eval_fraction)`` rows (at least one group when the
+    fraction is positive); at least one group always stays on the training side, so one
+    group cannot be split at all. Every evolution of a held-out seed is then unseen in
+    training, which is what membership inference assumes of its non-members.
+    """
+    import numpy as np
+
+    sizes: dict[str, int] = {}
+    for g in groups:
+        sizes[g] = sizes.get(g, 0) + 1
+    if eval_fraction <= 0 or len(sizes) < 2:
+        return set()
+    target = max(1, round(len(groups) * eval_fraction))
+    order = sorted(sizes)
+    rng = np.random.default_rng(seed)
+    held: set[str] = set()
+    held_rows = 0
+    for i in rng.permutation(len(order)):
+        if held_rows >= target or len(held) == len(order) - 1:
+            break
+        held.add(order[i])
+        held_rows += sizes[order[i]]
+    return held
+
+
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(model_ref: str) -> Any:
     """Tokenizer of ``model_ref`` (embedded name, path or HF id), once per process."""
@@ -364,9 +393,10 @@ def load_sft_datasets(
 ) -> SFTDatasets:
     """Validate, read, split, tokenize and materialize the SFT data with Ray Data.
 
-    The eval split is ``round(records * eval_fraction)`` records (at least one when the
-    fraction is positive and there are two records or more), drawn with ``seed`` so a
-    re-run holds out the same records.
+    The eval split is about ``round(records * eval_fraction)`` records (at least one when
+    the fraction is positive and there are two records or more), drawn with ``seed`` so a
+    re-run holds out the same records. Records that carry a ``seed_id`` (stage 2's parquet)
+    are held out by whole seeds (:func:`heldout_groups`); others one by one.
     """
     import pyarrow.parquet as pq
     import ray.data
@@ -375,18 +405,26 @@ def load_sft_datasets(
     files = parquet_files(path)
     n_records = validate_files(files)
     columns = [*REQUIRED_COLUMNS]
-    # "id" travels along (tokenization ignores it) so held-out records can be named later.
-    for optional in (*OPTIONAL_COLUMNS, "id"):
+    # "id" and "seed_id" travel along (tokenization ignores them) so held-out records can
+    # be named later and held out by seed.
+    for optional in (*OPTIONAL_COLUMNS, "id", "seed_id"):
         if all(optional in pq.read_schema(f).names for f in files):
             columns.append(optional)
     raw = ray.data.read_parquet([str(f) for f in files]).select_columns(columns)
-    n_eval = 0
-    if eval_fraction > 0 and n_records >= 2:
+    raw_eval = None
+    if "seed_id" in columns:
+        seed_ids = [str(g) for f in files
+                    for g in pq.read_table(f, columns=["seed_id"]).column(0).to_pylist()]
+        held = heldout_groups(seed_ids, eval_fraction=eval_fraction, seed=seed)
+        if held:
+            raw_eval = raw.filter(lambda row: row["seed_id"] in held)
+            raw = raw.filter(lambda row: row["seed_id"] not in held)
+        raw_train = raw.random_shuffle(seed=seed)
+    elif eval_fraction > 0 and n_records >= 2:
         n_eval = min(n_records - 1, max(1, round(n_records * eval_fraction)))
-    if n_eval:
         raw_train, raw_eval = raw.train_test_split(test_size=n_eval, shuffle=True, seed=seed)
     else:
-        raw_train, raw_eval = raw.random_shuffle(seed=seed), None
+        raw_train = raw.random_shuffle(seed=seed)
 
     def tokenized(ds: Any) -> tuple[Any, dict[str, int]]:
         out = ds.map_batches(

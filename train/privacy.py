@@ -24,15 +24,16 @@ easy to test against known answers.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-# A member text is either plain text (every token scored) or (prompt, completion): the
-# prompt is context only, as in SFT where prompt tokens carry no loss.
-MIAItem = str | tuple[str, str]
+# A member is plain text (every token but the first scored) or an SFT record
+# (``instruction``, ``response``, optional ``input``): tokenized by SFT's own
+# ``train.data.tokenize_example`` and scored on exactly the tokens that carried SFT's loss.
+MIAItem = str | Mapping[str, Any]
 
 TARGET_FPR = 0.01
 
@@ -155,23 +156,12 @@ def token_logprobs(
 ) -> list[np.ndarray]:
     """Log-probability (nats) of every scored token of each item under ``model``.
 
-    Plain text: tokens 2..n are scored (the first has no context). ``(prompt, completion)``:
-    only completion tokens are scored. Sequences are cut to ``max_tokens`` from the right.
-    Returns one float64 array per item (possibly empty).
+    Items are encoded by :func:`encode_items`. Returns one float64 array per item
+    (possibly empty).
     """
     import torch
 
-    encoded: list[tuple[list[int], int]] = []  # (ids, index of the first scored token)
-    for item in items:
-        if isinstance(item, str):
-            ids = tokenizer(item, add_special_tokens=False)["input_ids"]
-            start = 1
-        else:
-            prompt, completion = item
-            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-            ids, start = p_ids + c_ids, max(1, len(p_ids))
-        encoded.append((ids[:max_tokens], start))
+    encoded = encode_items(tokenizer, items, max_tokens=max_tokens)
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[np.ndarray] = []
@@ -191,12 +181,38 @@ def token_logprobs(
             picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()
             for row, (ids, start) in enumerate(chunk):
                 # picked[:, t - 1] is log p(token t | tokens < t)
-                out.append(picked[row, start - 1 : len(ids) - 1].double().numpy())
+                out.append(picked[row, start - 1 : max(start - 1, len(ids) - 1)].double().numpy())
     return out
 
 
+def encode_items(
+    tokenizer: Any, items: Sequence[MIAItem], *, max_tokens: int
+) -> list[tuple[list[int], int]]:
+    """``(token ids, index of the first scored token)`` per item, cut to ``max_tokens``.
+
+    A record goes through SFT's tokenization, so ids and scored positions are the ones SFT
+    trained on (a record truncated to no response token scores nothing).
+    """
+    from train.data import IGNORE_INDEX, end_of_turn_id, tokenize_example
+
+    eot = None
+    encoded: list[tuple[list[int], int]] = []
+    for item in items:
+        if isinstance(item, str):
+            encoded.append((tokenizer(item, add_special_tokens=False)["input_ids"][:max_tokens], 1))
+            continue
+        eot = end_of_turn_id(tokenizer) if eot is None else eot
+        example = tokenize_example(item, tokenizer, max_seq_len=max_tokens, eot_id=eot)
+        if example is None:
+            encoded.append(([], 1))
+            continue
+        start = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+        encoded.append((list(example.input_ids), max(1, start)))
+    return encoded
+
+
 def _scored_text(item: MIAItem) -> str:
-    return item if isinstance(item, str) else item[1]
+    return item if isinstance(item, str) else str(item["response"])
 
 
 def mia_from_logprobs(

@@ -107,15 +107,13 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return read_jsonl(path)
 
 
-def mia_items(records: list[dict[str, Any]], tokenizer: Any) -> list[Any]:
-    """Records -> (prompt, response) pairs in the SFT template (train.data.prompt_text), or
-    plain ``text`` for records without instruction/response."""
-    from train.data import prompt_text
-
+def mia_items(records: list[dict[str, Any]]) -> list[Any]:
+    """Records the attack scores: SFT records as they are (``train.privacy`` tokenizes them
+    through SFT's own ``tokenize_example``), else their plain ``text``."""
     items: list[Any] = []
     for r in records:
         if r.get("instruction") is not None and r.get("response") is not None:
-            items.append((prompt_text(r, tokenizer), str(r["response"])))
+            items.append(r)
         elif r.get("text"):
             items.append(str(r["text"]))
     return items
@@ -188,8 +186,11 @@ def _membership_inference(run_dir: Path, model_dir: Path, dataset_dir: Path, cfg
                            "> 0 before SFT, or eval.mia_non_members to held-out records of "
                            "the training distribution"}
     # Members are what SFT trained on: the held-out split never was.
+    # Members are never from a held-out seed either: SFT holds out whole seeds.
     heldout_keys = {_record_key(r) for r in heldout}
-    members = [r for r in load_rows(dataset_dir) if _record_key(r) not in heldout_keys]
+    heldout_seeds = {r["seed_id"] for r in heldout if r.get("seed_id")}
+    members = [r for r in load_rows(dataset_dir)
+               if _record_key(r) not in heldout_keys and r.get("seed_id") not in heldout_seeds]
     n = min(cfg.mia_samples, len(members), len(non_members))
     if n < 2:
         return {"skipped": f"fewer than 2 training records left as members in {dataset_dir}"}
@@ -199,10 +200,7 @@ def _membership_inference(run_dir: Path, model_dir: Path, dataset_dir: Path, cfg
                                                               replace=False))]
     log(f"evaluate {run_dir.name}: membership inference, {n} members vs {n} non-members "
         f"from {source}")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    mia = run_mia(model_dir, mia_items(members, tokenizer), mia_items(non_members, tokenizer),
+    mia = run_mia(model_dir, mia_items(members), mia_items(non_members),
                   min_k=cfg.mia_min_k, max_tokens=cfg.mia_max_tokens, device=cfg.device)
     return {**mia, "non_members_from": source,
             # Which records were scored, so a reader can audit the member/non-member split.

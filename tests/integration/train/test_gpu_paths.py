@@ -106,11 +106,10 @@ def test_training_steps_in_bf16_on_cuda_lower_the_loss(model_dir, strategy, monk
 def test_membership_inference_runs_on_cuda(model_dir):
     from train.privacy import run_mia
 
-    members = [(f"Q: {r['instruction']}\nA: ", r["response"]) for r in RECORDS]
-    non_members = [("Q: What colour is the sky?\nA: ", "Blue."),
-                   ("Q: How many legs has a cat?\nA: ", "Four."),
-                   ("Q: What is ice?\nA: ", "Frozen water."),
-                   ("Q: Who wrote Hamlet?\nA: ", "Shakespeare.")]
+    members = list(RECORDS)
+    non_members = [{"instruction": q, "response": a} for q, a in (
+        ("What colour is the sky?", "Blue."), ("How many legs has a cat?", "Four."),
+        ("What is ice?", "Frozen water."), ("Who wrote Hamlet?", "Shakespeare."))]
     out = run_mia(model_dir, members, non_members, device="cuda", max_tokens=32)
     assert out["n_members"] == out["n_non_members"] == 4
     for attack in ("loss", "zlib", "min_k"):

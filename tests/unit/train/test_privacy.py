@@ -128,16 +128,43 @@ def test_mia_is_chance_between_non_members(memorised_model):
 
 
 @pytest.mark.slow  # ~15 s CPU (training + transformers import); minutes on a loaded box
-def test_prompt_completion_items_score_only_the_completion(memorised_model):
+def test_record_items_score_only_the_response(memorised_model):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from train.data import IGNORE_INDEX, tokenize_example
     from train.privacy import token_logprobs
 
     model_dir = memorised_model[0]
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    plain, paired = token_logprobs(model, tok, ["Hello there friend", ("Hello", " there friend")])
-    n_completion = len(tok(" there friend", add_special_tokens=False)["input_ids"])
-    assert len(paired) == n_completion
+    record = {"instruction": "Hello", "response": "there friend"}
+    plain, paired = token_logprobs(model, tok, ["Hello there friend", record])
+    labels = tokenize_example(record, tok, max_seq_len=256).labels
+    assert len(paired) == sum(label != IGNORE_INDEX for label in labels)
     assert len(plain) == len(tok("Hello there friend", add_special_tokens=False)["input_ids"]) - 1
+
+
+def test_records_are_scored_on_exactly_the_tokens_sft_trains_on():
+    """The attack must see the sequence SFT trained on (template, BOS, end-of-turn), and
+    score exactly the positions that carried loss; with a different tokenization the
+    member/non-member gap is measured on text the model never saw in that form."""
+    import copy
+
+    from rl_system.config import EMBEDDED_LLM
+    from train.data import IGNORE_INDEX, load_tokenizer, tokenize_example
+    from train.privacy import encode_items
+
+    chat = load_tokenizer(EMBEDDED_LLM)
+    plain = copy.deepcopy(chat)
+    plain.chat_template = None  # the Alpaca path, where SFT adds BOS by hand
+    record = {"instruction": "Summarise the memo.", "input": "Staff meet at 9 on Monday.",
+              "response": "There is a staff meeting on Monday at 9."}
+    for tok in (chat, plain):
+        example = tokenize_example(record, tok, max_seq_len=256)
+        [(ids, start)] = encode_items(tok, [record], max_tokens=256)
+        assert ids == example.input_ids
+        assert start == next(i for i, lab in enumerate(example.labels) if lab != IGNORE_INDEX)
+    # Plain text stays plain: every token but the first is scored.
+    [(ids, start)] = encode_items(chat, ["Hello there friend"], max_tokens=256)
+    assert start == 1 and ids == chat("Hello there friend", add_special_tokens=False)["input_ids"]
