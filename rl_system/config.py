@@ -63,7 +63,18 @@ class ModelRoleConfig(_Section):
         "(vLLM, our ingress); top_logprobs = first answer token (the OpenAI API).",
     )
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
-    max_retries: int = Field(3, ge=0, le=20)
+    max_retries: int = Field(
+        3, ge=0, le=20,
+        description="Extra attempts after a transient failure (a dead replica, 429, 5xx).",
+    )
+    retry_backoff_s: float = Field(
+        0.5, ge=0, description="Wait before the first retry; doubles with each attempt."
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1,
+        description="transformers backend: longest prompt a replica accepts (default: the "
+        "model's context minus the request's max_tokens); a longer one fails alone.",
+    )
     requests_per_minute: float | None = Field(None, gt=0, description="Client-side rate limit.")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,

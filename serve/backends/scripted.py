@@ -12,6 +12,8 @@ Behaviour comes from the role's ``script`` mapping:
   ``<<<...>>>`` texts of the prompt differ), otherwise the preference is reversed.
 - ``latency_s``: fixed wait per backend call (an I/O-bound model, like a remote GPU).
 - ``error``: raise ``BackendError(error)`` on every call (for failure-path tests).
+- ``reject_when_contains``: a request whose prompt holds this text gets a non-transient
+  ``BackendError`` in its place; the rest of its batch is served (per-request isolation).
 """
 
 from __future__ import annotations
@@ -37,15 +39,30 @@ class ScriptedBackend:
         self.model_id = model
         self.script = script or {}
 
+    @classmethod
+    def config_kwargs(cls, role_cfg, serve_cfg) -> dict[str, Any]:
+        return {"model": role_cfg.model, "script": dict(role_cfg.script)}
+
     def load(self) -> None:
         pass
 
-    def _wait_or_fail(self, n_requests: int) -> None:
+    def _wait_or_fail(self, cancelled=None) -> None:
         if self.script.get("error"):
             raise BackendError(str(self.script["error"]))
         # One wait per call, whatever the batch size: an I/O-bound model (a remote GPU
         # server) answers a batch of concurrent requests in about the time of one.
-        time.sleep(float(self.script.get("latency_s", 0.0)))
+        # It ends early once no caller waits, as a real backend's generate does.
+        deadline = time.monotonic() + float(self.script.get("latency_s", 0.0))
+        while (left := deadline - time.monotonic()) > 0:
+            if cancelled is not None and cancelled():
+                return
+            time.sleep(min(left, 0.05))
+
+    def _rejected(self, request) -> BackendError | None:
+        marker = self.script.get("reject_when_contains")
+        if marker and marker in self._prompt_text(request)[0]:
+            return BackendError(f"rejected: the prompt contains {marker!r}", transient=False)
+        return None
 
     @staticmethod
     def _prompt_text(request: GenerationRequest | ScoreRequest) -> tuple[str, str]:
@@ -64,10 +81,13 @@ class ScriptedBackend:
                 return rule["reply"].format(**fields)
         return self.script.get("default", "{last_user}").format(**fields)
 
-    def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
-        self._wait_or_fail(len(requests))
+    def generate(self, requests: list[GenerationRequest], *, cancelled=None) -> list:
+        self._wait_or_fail(cancelled)
         out = []
         for r in requests:
+            if (rejected := self._rejected(r)) is not None:
+                out.append(rejected)
+                continue
             text = self._reply(r)
             words = text.split()[: r.max_tokens]
             out.append(
@@ -81,11 +101,14 @@ class ScriptedBackend:
             )
         return out
 
-    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
-        self._wait_or_fail(len(requests))
+    def score(self, requests: list[ScoreRequest], *, cancelled=None) -> list:
+        self._wait_or_fail(cancelled)
         rule = self.script.get("score", {})
         results = []
         for r in requests:
+            if (rejected := self._rejected(r)) is not None:
+                results.append(rejected)
+                continue
             text, _ = self._prompt_text(r)
             prefer = rule.get("prefer")
             active = rule.get("when_contains") is None or rule["when_contains"] in text
@@ -99,8 +122,8 @@ class ScriptedBackend:
             results.append(ScoreResult(logprobs=logprobs, prompt_tokens=len(text.split())))
         return results
 
-    def token_logprobs(self, texts: list[str]) -> list[TokenLogprobs]:
-        self._wait_or_fail(len(texts))
+    def token_logprobs(self, texts: list[str], *, cancelled=None) -> list[TokenLogprobs]:
+        self._wait_or_fail(cancelled)
         out = []
         for t in texts:
             words = t.split(" ")

@@ -2,11 +2,17 @@
 
 For CPU machines and small GPU runs. Large models on GPU clusters use Ray Serve LLM
 (``serve.backends.vllm_backend``) instead.
+
+Every batch method returns one result per request, in order; a request that cannot be
+served as it stands (too long, an empty candidate) gets a non-transient ``BackendError``
+in its place and the rest of the batch runs. Batches run concurrently in worker threads,
+so nothing here mutates the shared tokenizer: padding is built per call.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from itertools import groupby
 
 from serve.protocol import (
@@ -20,14 +26,34 @@ from serve.protocol import (
 
 logger = logging.getLogger(__name__)
 
+Cancelled = Callable[[], bool]  # true once every caller of the batch has gone
+
 
 class TransformersBackend:
-    def __init__(self, model: str, *, device: str | None = None, torch_threads: int | None = None):
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str | None = None,
+        torch_threads: int | None = None,
+        max_prompt_tokens: int | None = None,
+    ):
         self.model_id = model
+        self.max_prompt_tokens = max_prompt_tokens
         self._device = device
         self._torch_threads = torch_threads
         self._model = None
         self._tokenizer = None
+        self._pad_id = 0
+
+    @classmethod
+    def config_kwargs(cls, role_cfg, serve_cfg) -> dict:
+        """Constructor arguments from a role's config (plain data for ``LLMServerSpec``)."""
+        return {
+            "model": role_cfg.model,
+            "torch_threads": serve_cfg.torch_threads or max(1, int(serve_cfg.num_cpus)),
+            "max_prompt_tokens": role_cfg.max_prompt_tokens,
+        }
 
     def load(self) -> None:
         import torch
@@ -41,8 +67,11 @@ class TransformersBackend:
         device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self._tokenizer = AutoTokenizer.from_pretrained(path)
-        if self._tokenizer.pad_token is None:
-            self._tokenizer.pad_token = self._tokenizer.eos_token
+        self._pad_id = (
+            self._tokenizer.pad_token_id
+            if self._tokenizer.pad_token_id is not None
+            else self._tokenizer.eos_token_id
+        )
         self._model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         self._device = device
         self._max_positions = getattr(self._model.config, "max_position_embeddings", 2048)
@@ -62,57 +91,98 @@ class TransformersBackend:
         turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
         return "\n\n".join(turns) + "\n\nAssistant:"
 
-    def _check_length(self, n_tokens: int, extra: int) -> None:
-        if n_tokens + extra > self._max_positions:
-            raise BackendError(
-                f"prompt is {n_tokens} tokens + {extra} requested; "
-                f"{self.model_id} accepts {self._max_positions}"
+    def _encode(self, text: str) -> list[int]:
+        return self._tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _length_error(self, n_prompt: int, new_tokens: int) -> BackendError | None:
+        """The per-request limit: ``max_prompt_tokens`` if set, and the model's context."""
+        if self.max_prompt_tokens is not None and n_prompt > self.max_prompt_tokens:
+            return BackendError(
+                f"prompt is {n_prompt} tokens; this server accepts at most "
+                f"max_prompt_tokens {self.max_prompt_tokens}",
+                transient=False,
             )
+        if n_prompt + new_tokens > self._max_positions:
+            return BackendError(
+                f"prompt is {n_prompt} tokens + {new_tokens} requested; "
+                f"{self.model_id} accepts {self._max_positions} in all",
+                transient=False,
+            )
+        return None
+
+    def _pad(self, rows: list[list[int]], *, side: str):
+        """``input_ids`` and ``attention_mask`` padded on ``side``, built per call."""
+        import torch
+
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for i, r in enumerate(rows):
+            span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+            input_ids[i, span] = torch.tensor(r, dtype=torch.long)
+            attention[i, span] = 1
+        return input_ids.to(self._device), attention.to(self._device)
 
     # -- protocol ------------------------------------------------------------------------
 
-    def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
-        """Batch requests with equal sampling settings into one left-padded ``generate``."""
-        results: dict[int, Completion] = {}
-        indexed = sorted(enumerate(requests), key=lambda x: self._sampling_key(x[1]))
-        for _, group in groupby(indexed, key=lambda x: self._sampling_key(x[1])):
+    def generate(
+        self, requests: list[GenerationRequest], *, cancelled: Cancelled | None = None
+    ) -> list[Completion | BackendError]:
+        """Requests with equal sampling settings share one left-padded ``generate``."""
+        results: list = [None] * len(requests)
+        ready = []
+        for i, r in enumerate(requests):
+            ids = self._encode(self._render(r))
+            results[i] = self._length_error(len(ids), r.max_tokens)
+            if results[i] is None:
+                ready.append((i, r, ids))
+        ready.sort(key=lambda x: self._sampling_key(x[1]))
+        for _, group in groupby(ready, key=lambda x: self._sampling_key(x[1])):
             group = list(group)
-            completions = self._generate_group([r for _, r in group])
-            for (i, _), completion in zip(group, completions, strict=True):
+            if cancelled is not None and cancelled():
+                completions = [_gone() for _ in group]
+            else:
+                completions = self._generate_group(
+                    group[0][1], [ids for _, _, ids in group], cancelled
+                )
+            for (i, _, _), completion in zip(group, completions, strict=True):
                 results[i] = completion
-        return [results[i] for i in range(len(requests))]
+        return results
 
     @staticmethod
     def _sampling_key(r: GenerationRequest) -> tuple:
         return (r.temperature, r.top_p, r.max_tokens, tuple(r.stop or ()))
 
-    def _generate_group(self, requests: list[GenerationRequest]) -> list[Completion]:
+    def _generate_group(
+        self, first: GenerationRequest, rows: list[list[int]], cancelled: Cancelled | None
+    ) -> list[Completion]:
         import torch
+        from transformers import StoppingCriteriaList
 
         tok, model = self._tokenizer, self._model
-        first = requests[0]
-        texts = [self._render(r) for r in requests]
-        tok.padding_side = "left"
-        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        self._check_length(batch["input_ids"].shape[1], first.max_tokens)
-        batch = batch.to(self._device)
+        input_ids, attention = self._pad(rows, side="left")
         sample = first.temperature > 0
+        stopping = StoppingCriteriaList([_StopWhen(cancelled)] if cancelled else [])
         with torch.inference_mode():
             out = model.generate(
-                **batch,
+                input_ids=input_ids,
+                attention_mask=attention,
                 max_new_tokens=first.max_tokens,
                 do_sample=sample,
                 temperature=first.temperature if sample else None,
                 top_p=first.top_p if sample else None,
                 top_k=None,
-                pad_token_id=tok.pad_token_id,
+                pad_token_id=self._pad_id,
                 stop_strings=first.stop or None,
                 tokenizer=tok if first.stop else None,
+                stopping_criteria=stopping,
             )
-        new_tokens = out[:, batch["input_ids"].shape[1]:]
+        if cancelled is not None and cancelled():
+            return [_gone() for _ in rows]
+        new_tokens = out[:, input_ids.shape[1]:]
         eos_ids = set(_as_list(model.generation_config.eos_token_id)) | {tok.eos_token_id}
         completions = []
-        for row, mask in zip(new_tokens, batch["attention_mask"], strict=True):
+        for row, prompt in zip(new_tokens, rows, strict=True):
             ids = row.tolist()
             n = next((i for i, t in enumerate(ids) if t in eos_ids), None)
             finished = n is not None
@@ -124,7 +194,7 @@ class TransformersBackend:
             completions.append(
                 Completion(
                     text=text.strip(),
-                    prompt_tokens=int(mask.sum()),
+                    prompt_tokens=len(prompt),
                     completion_tokens=len(ids),
                     finish_reason="stop" if finished else "length",
                     model=self.model_id,
@@ -132,83 +202,112 @@ class TransformersBackend:
             )
         return completions
 
-    def token_logprobs(self, texts: list[str]) -> list[TokenLogprobs]:
-        """Log-probability of every token of each text given its prefix (one forward pass)."""
+    def _forward_logp(self, rows: list[list[int]]):
+        """Log-softmax over a right-padded batch: every row's positions start at 0."""
         import torch
 
-        tok, model = self._tokenizer, self._model
-        tok.padding_side = "right"  # positions then start at 0 for every row
-        enc = tok(
-            texts, return_tensors="pt", padding=True, add_special_tokens=False,
-            return_offsets_mapping=True,
-        )
-        offsets = enc.pop("offset_mapping")
-        self._check_length(enc["input_ids"].shape[1], 0)
-        enc = enc.to(self._device)
+        input_ids, attention = self._pad(rows, side="right")
         with torch.inference_mode():
-            logits = model(**enc).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        ids = enc["input_ids"]
-        token_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()
-        results = []
-        for row in range(len(texts)):
-            n = int(enc["attention_mask"][row].sum())
-            row_ids = ids[row, :n].tolist()
-            results.append(
-                TokenLogprobs(
-                    tokens=tok.convert_ids_to_tokens(row_ids),
-                    logprobs=[None] + token_logp[row, : n - 1].tolist(),
-                    text_offsets=[int(a) for a, _ in offsets[row, :n].tolist()],
-                )
+            logits = self._model(input_ids=input_ids, attention_mask=attention).logits.float()
+        return torch.log_softmax(logits, dim=-1).cpu(), input_ids.cpu()
+
+    def token_logprobs(
+        self, texts: list[str], *, cancelled: Cancelled | None = None
+    ) -> list[TokenLogprobs | BackendError]:
+        """Log-probability of every token of each text given its prefix (one forward pass)."""
+        tok = self._tokenizer
+        results: list = [None] * len(texts)
+        ready = []
+        for i, text in enumerate(texts):
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = enc["input_ids"]
+            results[i] = self._length_error(len(ids), 0) or (
+                BackendError("logprobs: the text is empty", transient=False) if not ids else None
+            )
+            if results[i] is None:
+                ready.append((i, ids, enc["offset_mapping"]))
+        if not ready:
+            return results
+        if cancelled is not None and cancelled():
+            return [r or _gone() for r in results]
+        logp, input_ids = self._forward_logp([ids for _, ids, _ in ready])
+        for row, (i, ids, offsets) in enumerate(ready):
+            n = len(ids)
+            targets = input_ids[row, 1:n]
+            token_logp = logp[row, : n - 1].gather(-1, targets[:, None]).squeeze(-1)
+            results[i] = TokenLogprobs(
+                tokens=tok.convert_ids_to_tokens(ids),
+                logprobs=[None] + token_logp.tolist(),
+                text_offsets=[int(a) for a, _ in offsets],
             )
         return results
 
-    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+    def score(
+        self, requests: list[ScoreRequest], *, cancelled: Cancelled | None = None
+    ) -> list[ScoreResult | BackendError]:
         """Sum of candidate-token log-probs after the rendered prompt, for every candidate.
 
         The prompt and each candidate are tokenised separately and concatenated, so the
         candidate's tokens are exactly those it would be generated as after the prompt.
         """
-        import torch
-
-        tok, model = self._tokenizer, self._model
-        rows, spans, prompt_lens = [], [], []
-        for req in requests:
-            prompt_ids = tok(self._render(req), add_special_tokens=False)["input_ids"]
-            prompt_lens.append(len(prompt_ids))
-            for cand in req.candidates:
-                cand_ids = tok(cand, add_special_tokens=False)["input_ids"]
-                if not cand_ids:
-                    raise BackendError("score: a candidate is empty")
+        results: list = [None] * len(requests)
+        rows, spans, owners = [], [], []  # one row per candidate of a servable request
+        for i, req in enumerate(requests):
+            prompt_ids = self._encode(self._render(req))
+            cands = [self._encode(c) for c in req.candidates]
+            if not all(cands):
+                results[i] = BackendError("score: a candidate is empty", transient=False)
+                continue
+            results[i] = self._length_error(len(prompt_ids), max(map(len, cands)))
+            if results[i] is not None:
+                continue
+            for cand_ids in cands:
                 rows.append(prompt_ids + cand_ids)
                 spans.append((len(prompt_ids), len(prompt_ids) + len(cand_ids)))
-        width = max(len(r) for r in rows)
-        self._check_length(width, 0)
-        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            attention[i, : len(r)] = 1
-        with torch.inference_mode():
-            logits = model(
-                input_ids=input_ids.to(self._device), attention_mask=attention.to(self._device)
-            ).logits.float()
-        logp = torch.log_softmax(logits, dim=-1).cpu()
-        sums = []
-        for i, (start, end) in enumerate(spans):
-            targets = input_ids[i, start:end]
+                owners.append(i)
+        if not rows:
+            return results
+        if cancelled is not None and cancelled():
+            return [r or _gone() for r in results]
+        logp, input_ids = self._forward_logp(rows)
+        sums: dict[int, list[float]] = {}
+        for row, ((start, end), i) in enumerate(zip(spans, owners, strict=True)):
+            targets = input_ids[row, start:end]
             # token t is predicted by the logits at t-1
-            sums.append(float(logp[i, start - 1 : end - 1].gather(-1, targets[:, None]).sum()))
-        results, k = [], 0
-        for req, plen in zip(requests, prompt_lens, strict=True):
-            n = len(req.candidates)
-            results.append(ScoreResult(logprobs=sums[k : k + n], prompt_tokens=plen))
-            k += n
+            lp = float(logp[row, start - 1 : end - 1].gather(-1, targets[:, None]).sum())
+            sums.setdefault(i, []).append(lp)
+        for i, values in sums.items():
+            results[i] = ScoreResult(logprobs=values, prompt_tokens=spans[owners.index(i)][0])
         return results
 
     def check_health(self) -> None:
+        """A one-token forward pass: a replica whose model no longer computes is unhealthy."""
+        import torch
+
         if self._model is None:
             raise BackendError(f"{self.model_id} is not loaded")
+        ids = torch.tensor([[self._pad_id]], device=self._device)
+        with torch.inference_mode():
+            logits = self._model(input_ids=ids).logits
+        if not bool(torch.isfinite(logits).all()):
+            raise BackendError(f"{self.model_id}: health check: the model's logits are not finite")
+
+
+class _StopWhen:
+    """Ends ``generate`` early once no caller waits for the batch any more."""
+
+    def __init__(self, cancelled: Cancelled):
+        self._cancelled = cancelled
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = bool(self._cancelled())
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def _gone() -> BackendError:
+    return BackendError("cancelled: the caller stopped waiting", transient=True)
 
 
 def _as_list(x) -> list:
