@@ -308,7 +308,6 @@ def _ingress_backend(cfg, role_cfg, role: str):
         role,  # the ingress routes role names to the role's deployment
         base_url=cfg.serve.base_url,
         api_key_env=API_KEY_ENV,
-        api_key=cfg.serve.api_key.get_secret_value() if cfg.serve.api_key else None,
         score_mode="echo",
         timeout_s=role_cfg.timeout_s,
         max_retries=role_cfg.max_retries,
