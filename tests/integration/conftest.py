@@ -56,3 +56,20 @@ def demo_app(demo_cfg):
     from serve.app import deploy
 
     return deploy(demo_cfg)
+
+
+def deploy_scripted(serve_port: int, name: str, script: dict, **serve_overrides):
+    """A one-deployment app around the scripted backend (a test double), under /<name>."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    overrides = [f"serve.port={serve_port}", "serve.app_name=" + name,
+                 "models.expert.backend=scripted", f"models.expert.model={name}"]
+    overrides += [f"serve.{k}={v}" for k, v in serve_overrides.items()]
+    cfg = load_config(None, overrides)
+    cfg.models.expert.script = script
+    cfg.models.instructor = cfg.models.expert
+    cfg.models.reviewer = cfg.models.expert
+    serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
+    return cfg
