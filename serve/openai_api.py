@@ -243,6 +243,42 @@ def _sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
+def _stream(chunks) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def _answer_logprobs(server, messages: list[ChatMessage], text: str, role: str) -> dict:
+    """OpenAI chat ``logprobs`` of ``text`` as the answer to ``messages``.
+
+    The answer's tokens come from the backend's tokenizer (``token_logprobs`` of the
+    answer alone); each token's log-probability after the prompt is the difference of the
+    scores of consecutive answer prefixes that end at token boundaries.
+    """
+    if not text:
+        return {"content": [], "refusal": None}
+    tokens = await _call(server.token_logprobs.remote(text, role))
+    starts = [0, *tokens.text_offsets[1:]]
+    ends = [*starts[1:], len(text)]
+    prefixes = [text[:e] for e in ends]
+    cumulative: list[float] = []
+    for k in range(0, len(prefixes), _PREFIXES_PER_SCORE):
+        request = ScoreRequest(messages=messages, candidates=prefixes[k: k + _PREFIXES_PER_SCORE],
+                               role=role)
+        cumulative += (await _call(server.score.remote(request))).logprobs
+    content, before = [], 0.0
+    for start, end, total in zip(starts, ends, cumulative, strict=True):
+        piece = text[start:end]
+        # A prefix tokenised alone may merge its last token differently; a log-probability
+        # is never above 0.
+        content.append({"token": piece, "logprob": min(0.0, total - before),
+                        "bytes": list(piece.encode()), "top_logprobs": []})
+        before = total
+    return {"content": content, "refusal": None}
+
+
+# Everything the ingress class uses is defined above it: Serve freezes the app (and with
+# it the class's route methods and the module globals they name) when the class is built.
 @serve.deployment(name="openai-ingress", num_replicas=1, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
 class OpenAIIngress:
@@ -458,37 +494,3 @@ class OpenAIIngress:
         if include_usage:
             yield _sse({**head, "choices": [], "usage": usage})
         yield _sse("[DONE]")
-
-
-def _stream(chunks) -> StreamingResponse:
-    return StreamingResponse(chunks, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
-
-
-async def _answer_logprobs(server, messages: list[ChatMessage], text: str, role: str) -> dict:
-    """OpenAI chat ``logprobs`` of ``text`` as the answer to ``messages``.
-
-    The answer's tokens come from the backend's tokenizer (``token_logprobs`` of the
-    answer alone); each token's log-probability after the prompt is the difference of the
-    scores of consecutive answer prefixes that end at token boundaries.
-    """
-    if not text:
-        return {"content": [], "refusal": None}
-    tokens = await _call(server.token_logprobs.remote(text, role))
-    starts = [0, *tokens.text_offsets[1:]]
-    ends = [*starts[1:], len(text)]
-    prefixes = [text[:e] for e in ends]
-    cumulative: list[float] = []
-    for k in range(0, len(prefixes), _PREFIXES_PER_SCORE):
-        request = ScoreRequest(messages=messages, candidates=prefixes[k: k + _PREFIXES_PER_SCORE],
-                               role=role)
-        cumulative += (await _call(server.score.remote(request))).logprobs
-    content, before = [], 0.0
-    for start, end, total in zip(starts, ends, cumulative, strict=True):
-        piece = text[start:end]
-        # A prefix tokenised alone may merge its last token differently; a log-probability
-        # is never above 0.
-        content.append({"token": piece, "logprob": min(0.0, total - before),
-                        "bytes": list(piece.encode()), "top_logprobs": []})
-        before = total
-    return {"content": content, "refusal": None}
