@@ -1,6 +1,10 @@
-"""Where the ingress key comes from: the process environment or a mounted file, read
-where it is used (the ingress replica, an HTTP client) and never stored in a config, a
-Serve bind argument, a log line or a pickled object.
+"""The ingress key and the guards in front of every HTTP app we serve.
+
+The key comes from the process environment or a mounted file, read where it is used
+(the ingress replica, an HTTP client) and never stored in a config, a Serve bind
+argument, a log line or a pickled object. ``guard`` puts the body limit and the key
+check in front of an app (our ingress, Ray Serve LLM's); ``check_exposure`` refuses a
+host other machines can reach without a key.
 
     export TEAMS_RL_API_KEY=...                  # or
     serve.api_key_file: /var/run/secrets/teams-rl/api-key
@@ -75,7 +79,9 @@ class RequireKey:
         self._open_paths = open_paths
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or _relative_path(scope) in self._open_paths:
+        if scope["type"] not in ("http", "websocket") or (
+            _relative_path(scope) in self._open_paths
+        ):
             return await self.app(scope, receive, send)
         token = b""
         for name, value in scope.get("headers", ()):
@@ -83,6 +89,8 @@ class RequireKey:
                 token = value[7:].strip()
         if hmac.compare_digest(token, self._key):
             return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})  # policy violation
         body = json.dumps({"error": {
             "message": "missing or invalid API key (send Authorization: Bearer <key>)",
             "type": "invalid_request_error", "param": None, "code": "invalid_api_key",
