@@ -131,7 +131,7 @@ class ServeLimits(_Section):
     )
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="Prompt tokens per request (None: the model's context length "
-        "less max_tokens). Enforced by the serving backend.",
+        "less max_tokens). For the serving backends to enforce; not applied yet.",
     )
 
 
@@ -445,6 +445,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
 
 def save_resolved(cfg: TeamsRLConfig, path: Path) -> None:
-    """Write the config as resolved; secrets are masked by pydantic's SecretStr."""
+    """Write the config as resolved (it holds no secret: keys come from the environment)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))
