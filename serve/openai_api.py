@@ -243,6 +243,14 @@ def _sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
+def _tokens_from(lp, *, start: int, shift: int) -> dict:
+    """The tokens of ``lp`` that begin at or after character ``start``, offsets less ``shift``."""
+    keep = [i for i, off in enumerate(lp.text_offsets) if off >= start]
+    return {"tokens": [lp.tokens[i] for i in keep],
+            "token_logprobs": [lp.logprobs[i] for i in keep],
+            "text_offset": [lp.text_offsets[i] - shift for i in keep]}
+
+
 def _stream(chunks) -> StreamingResponse:
     return StreamingResponse(chunks, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
@@ -465,18 +473,25 @@ class OpenAIIngress:
             completion_tokens, finish = result.completion_tokens, result.finish_reason
         logprobs = None
         if body.logprobs is not None:
-            lp = await _call(server.token_logprobs.remote(prompt + text, role))
-            # echo: every token; else only the answer's, with offsets into the answer
-            start = 0 if body.echo else len(prompt)
-            keep = [i for i, off in enumerate(lp.text_offsets) if off >= start]
+            # The prompt's tokens as the prompt alone tokenises (what echo scoring needs:
+            # an answer appended could merge with the prompt's last token), then the
+            # answer's tokens; offsets index the returned text.
+            parts = []
+            if body.echo:
+                parts.append(_tokens_from(await _call(server.token_logprobs.remote(prompt, role)),
+                                          start=0, shift=0))
+            if text:
+                whole = await _call(server.token_logprobs.remote(prompt + text, role))
+                parts.append(_tokens_from(whole, start=len(prompt),
+                                          shift=0 if body.echo else len(prompt)))
             logprobs = {
-                "tokens": [lp.tokens[i] for i in keep],
-                "token_logprobs": [lp.logprobs[i] for i in keep],
-                "text_offset": [lp.text_offsets[i] - start for i in keep],
+                "tokens": [t for p in parts for t in p["tokens"]],
+                "token_logprobs": [x for p in parts for x in p["token_logprobs"]],
+                "text_offset": [o for p in parts for o in p["text_offset"]],
                 "top_logprobs": None,
             }
             if body.max_tokens == 0:
-                prompt_tokens = len(lp.tokens)
+                prompt_tokens = len(logprobs["tokens"])
         return {"text": prompt + text if body.echo else text, "logprobs": logprobs,
                 "finish_reason": finish, "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens}
