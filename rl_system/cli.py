@@ -178,16 +178,18 @@ def serve_command(
     import ray
     from ray import serve
 
-    from serve.app import deploy
+    from serve.app import check_key, deploy
 
+    with _user_errors(ConfigError):  # refuse an open public host before Ray starts
+        keyed = check_key(cfg)
     _init_ray(address)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        with _user_errors(ConfigError):  # e.g. a GPU count no node has (rl_system.placement)
+        with _user_errors(ConfigError):  # a GPU count no node has; an open public host
             url = deploy(cfg)
-        auth = "on (Authorization: Bearer $TEAMS_RL_API_KEY)" if cfg.serve.api_key else "off"
+        auth = "on (Authorization: Bearer <key>)" if keyed else "off (loopback only)"
         click.echo(f"serving roles at {url}  (auth {auth}); Ctrl-C to stop")
         stop.wait()
     finally:

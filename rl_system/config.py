@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from serve.auth import API_KEY_ENV  # noqa: F401 - re-exported: the key's variable, named in serve/
 
 EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
 EMBEDDED_ENCODER = "embedded:all-minilm-l6-v2"
-API_KEY_ENV = "TEAMS_RL_API_KEY"
 
 ROLES = ("instructor", "reviewer", "expert")
 
@@ -125,18 +126,40 @@ class AutoscalingConfig(_Section):
         return self
 
 
+class ServeLimits(_Section):
+    """What one HTTP request to the ingress may ask for; larger requests get a 4xx."""
+
+    max_request_bytes: int = Field(
+        1_048_576, ge=1024, description="Request body size in bytes; larger bodies get 413 "
+        "before they are parsed.",
+    )
+    max_tokens: int = Field(
+        4096, ge=1, le=131072, description="Largest max_tokens (new tokens) one request may ask."
+    )
+    max_stop_strings: int = Field(4, ge=0, le=64, description="Stop strings per request.")
+    max_choices: int = Field(
+        16, ge=1, le=256, description="Choices per request: n times the prompts of a list prompt."
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Prompt tokens per request (None: the model's context length "
+        "less max_tokens). For the serving backends to enforce; not applied yet.",
+    )
+
+
 class ServeConfig(_Section):
-    host: str = "127.0.0.1"
+    host: str = Field(
+        "127.0.0.1",
+        description="Serve's HTTP bind address. Anything but loopback needs the ingress key "
+        f"(${API_KEY_ENV} or serve.api_key_file).",
+    )
     port: int = Field(8000, ge=1, le=65535)
     app_name: str = Field("teams-rl", description="Serve application holding every role.")
-    api_key: SecretStr | None = Field(
-        None, description=f"Bearer token for the HTTP ingress; also read from ${API_KEY_ENV}."
-    )
     api_key_file: str | None = Field(
         None,
         description=f"File holding the ingress key (a mounted secret); ${API_KEY_ENV} wins. "
         "The path, never the key, is config (serve.auth).",
     )
+    limits: ServeLimits = Field(default_factory=ServeLimits)
     max_batch_size: int = Field(8, ge=1, le=512, description="Dynamic batching per replica.")
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=10)
     max_ongoing_requests: int = Field(64, ge=1)
@@ -148,12 +171,16 @@ class ServeConfig(_Section):
         None, ge=1, description="torch intra-op threads per CPU replica (default: num_cpus)."
     )
 
-    @model_validator(mode="after")
-    def _key_from_env(self) -> ServeConfig:
-        if self.api_key is None and os.environ.get(API_KEY_ENV):
-            # Bypass validate_assignment recursion; the value is a plain secret.
-            object.__setattr__(self, "api_key", SecretStr(os.environ[API_KEY_ENV]))
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _no_key_in_config(cls, data: Any) -> Any:
+        # A key in YAML or --set would land in job metadata, `ps` and config dumps.
+        if isinstance(data, dict) and "api_key" in data:
+            raise ValueError(
+                f"serve.api_key: the ingress key is never a config value; export "
+                f"{API_KEY_ENV}=<key> or set serve.api_key_file to a file holding it"
+            )
+        return data
 
     @property
     def base_url(self) -> str:
@@ -349,15 +376,13 @@ class TeamsRLConfig(_Section):
         return self.run_dir / stage
 
     def to_yaml_dict(self) -> dict[str, Any]:
-        """Plain data for YAML/JSON, with secrets masked (never written in clear)."""
+        """Plain data for YAML/JSON. The config holds no secret (keys come from the env)."""
         return self.model_dump(mode="json")
 
     def to_portable_dict(self) -> dict[str, Any]:
-        """Plain data for other processes (env runners, Serve config files) without any
-        secret: they read the API key from their own environment (``TEAMS_RL_API_KEY``)."""
-        data = self.model_dump(mode="json")
-        data["serve"].pop("api_key", None)
-        return data
+        """Plain data for other processes (env runners, Serve config files); they read
+        keys from their own environment or key file (``serve.auth``)."""
+        return self.model_dump(mode="json")
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections, for resume keys and manifests."""
@@ -431,6 +456,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
 
 def save_resolved(cfg: TeamsRLConfig, path: Path) -> None:
-    """Write the config as resolved; secrets are masked by pydantic's SecretStr."""
+    """Write the config as resolved (it holds no secret: keys come from the environment)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False))

@@ -489,16 +489,15 @@ def _read_manifest(out_dir: Path) -> dict | None:
 
 
 def _secrets(cfg: TeamsRLConfig) -> dict[str, _Secret]:
-    """Keys the actors need, from the driver's environment (never from config files)."""
+    """Keys the actors need, from the driver's environment (never from config files).
+
+    The ingress key is not among them: actors inherit ``$TEAMS_RL_API_KEY`` from the
+    node's environment or read ``serve.api_key_file`` themselves (``serve.auth``)."""
     out = {}
     for role in ("expert", "reviewer"):
         role_cfg = cfg.models.role(role)
         if role_cfg.backend == "openai" and os.environ.get(role_cfg.api_key_env):
             out[role_cfg.api_key_env] = _Secret(os.environ[role_cfg.api_key_env])
-    if cfg.serve.api_key is not None:
-        from rl_system.config import API_KEY_ENV
-
-        out[API_KEY_ENV] = _Secret(cfg.serve.api_key.get_secret_value())
     return out
 
 

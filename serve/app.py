@@ -15,9 +15,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from rl_system.config import ROLES, TeamsRLConfig, load_config
+from rl_system.config import ROLES, ConfigError, TeamsRLConfig, load_config
+from serve.auth import check_exposure, load_api_key
 from serve.backends import backend_kwargs
-from serve.backends.vllm_backend import VLLM_ROUTE_PREFIX, build_vllm_app, llm_config_dict
+from serve.backends.vllm_backend import (
+    VLLM_ROUTE_PREFIX,
+    build_vllm_app,
+    llm_config_dict,
+    vllm_app_args,
+)
 from serve.deployment import LLMServerSpec
 
 SERVED_IN_LLMSERVER = ("transformers", "scripted")
@@ -38,6 +44,7 @@ def llm_server_specs(cfg: TeamsRLConfig) -> dict[str, LLMServerSpec]:
             max_batch_size=cfg.serve.max_batch_size,
             batch_wait_timeout_s=cfg.serve.batch_wait_timeout_s,
             request_timeout_s=cfg.serve.request_timeout_s,
+            max_new_tokens_limit=cfg.serve.limits.max_tokens,
         )
         if name in specs and specs[name] != spec:
             raise ValueError(
@@ -91,11 +98,15 @@ def build_app(cfg: TeamsRLConfig):
         name: serve.deployment(LLMServer).options(name=name, **options).bind(spec)
         for name, spec in llm_server_specs(cfg).items()
     }
-    api_key = cfg.serve.api_key.get_secret_value() if cfg.serve.api_key else None
-    return OpenAIIngress.bind(servers, routes(cfg), api_key=api_key)
+    # The key file's path, never the key: bind arguments are stored in Serve's checkpoint.
+    return OpenAIIngress.bind(
+        servers, routes(cfg), roles=ROLES, limits=cfg.serve.limits.model_dump(),
+        host=cfg.serve.host, api_key_file=cfg.serve.api_key_file,
+    )
 
 
 def vllm_llm_configs(cfg: TeamsRLConfig) -> list[dict[str, Any]]:
+    """Ray Serve LLM ``LLMConfig`` mappings, one per distinct model among the vllm roles."""
     from rl_system.models import resolve_model
 
     seen, configs = set(), []
@@ -129,7 +140,8 @@ def app_builder(args: dict[str, Any]):
 def serve_config(cfg: TeamsRLConfig) -> dict[str, Any]:
     """A Serve config (``ServeDeploySchema``) equivalent to ``teams-rl serve``.
 
-    The API key is never written: set ``TEAMS_RL_API_KEY`` in the cluster's environment.
+    The API key is never written: the replicas read ``$TEAMS_RL_API_KEY`` (the cluster
+    manifests put it in every pod from a secret) or ``serve.api_key_file``.
     """
     applications = []
     if llm_server_specs(cfg):  # roles all on vllm/openai need no ingress of ours
@@ -148,7 +160,7 @@ def serve_config(cfg: TeamsRLConfig) -> dict[str, Any]:
                 "name": f"{cfg.serve.app_name}-vllm",
                 "route_prefix": VLLM_ROUTE_PREFIX,
                 "import_path": "ray.serve.llm:build_openai_app",
-                "args": {"llm_configs": llm_configs},
+                "args": vllm_app_args(llm_configs, cfg.serve),
             }
         )
     return {
@@ -156,6 +168,17 @@ def serve_config(cfg: TeamsRLConfig) -> dict[str, Any]:
         "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
         "applications": applications,
     }
+
+
+def check_key(cfg: TeamsRLConfig) -> bool:
+    """Whether this process finds the ingress key; a ``serve.host`` other machines can
+    reach without one raises ``ConfigError`` (before anything is deployed)."""
+    try:
+        key = load_api_key(cfg.serve.api_key_file)
+        check_exposure(cfg.serve.host, key)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    return key is not None
 
 
 def is_deployed(cfg: TeamsRLConfig) -> bool:
@@ -184,12 +207,14 @@ def deploy(cfg: TeamsRLConfig) -> str:
     from rl_system.placement import check_gpu_demands
 
     check_gpu_demands(cfg, stages=["serve"])  # a replica no node can hold would never start
+    check_key(cfg)  # the replicas check again, with their own environment
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     if llm_server_specs(cfg):
         serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/", blocking=False)
     llm_configs = vllm_llm_configs(cfg)
     if llm_configs:
-        serve.run(build_vllm_app(llm_configs), name=f"{cfg.serve.app_name}-vllm",
+        serve.run(build_vllm_app(vllm_app_args(llm_configs, cfg.serve)),
+                  name=f"{cfg.serve.app_name}-vllm",
                   route_prefix=VLLM_ROUTE_PREFIX, blocking=False)
     return cfg.serve.base_url
 

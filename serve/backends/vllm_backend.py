@@ -2,7 +2,10 @@
 
 Ray Serve LLM already manages engines, replicas, autoscaling and an OpenAI-compatible
 API, so a ``vllm`` role becomes an ``LLMConfig`` in a ``build_openai_app`` application;
-``LLMClient`` reaches it over HTTP with the ``openai`` transport.
+``LLMClient`` reaches it over HTTP with the ``openai`` transport. Its ingress is our
+subclass ``serve.backends.vllm_ingress:KeyedOpenAiIngress`` (Ray Serve LLM's
+``ingress_cls_config``), which puts the same key check and body limit as our own
+ingress in front of every route.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Any
 
 VLLM_ROUTE_PREFIX = "/vllm"
 EXTRA_HINT = "GPU serving needs the vllm extra: pip install 'teams-rl[vllm]'"
+KEYED_INGRESS = "serve.backends.vllm_ingress:KeyedOpenAiIngress"
 
 
 def llm_config_dict(*, role_cfg, model_source: str, serve_cfg) -> dict[str, Any]:
@@ -35,10 +39,26 @@ def llm_config_dict(*, role_cfg, model_source: str, serve_cfg) -> dict[str, Any]
     return config
 
 
-def build_vllm_app(llm_configs: list[dict[str, Any]]):
-    """A Ray Serve LLM OpenAI app serving every ``vllm`` role's model."""
+def vllm_app_args(llm_configs: list[dict[str, Any]], serve_cfg) -> dict[str, Any]:
+    """``build_openai_app`` arguments (``LLMServingArgs`` as plain data, also written into
+    Serve YAML): the models, and our key-checking ingress with the key file's path."""
+    return {
+        "llm_configs": llm_configs,
+        "ingress_cls_config": {
+            "ingress_cls": KEYED_INGRESS,
+            "ingress_extra_kwargs": {
+                "host": serve_cfg.host,
+                "api_key_file": serve_cfg.api_key_file,
+                "max_request_bytes": serve_cfg.limits.max_request_bytes,
+            },
+        },
+    }
+
+
+def build_vllm_app(args: dict[str, Any]):
+    """A Ray Serve LLM OpenAI app serving every ``vllm`` role's model (``vllm_app_args``)."""
     try:
-        from ray.serve.llm import LLMConfig, build_openai_app
+        from ray.serve.llm import build_openai_app
     except ImportError as exc:
         raise ImportError(f"{EXTRA_HINT} ({exc})") from exc
-    return build_openai_app({"llm_configs": [LLMConfig(**c) for c in llm_configs]})
+    return build_openai_app(args)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
 
 from rl_system.config import TeamsRLConfig, load_config
+from serve.auth import API_KEY_ENV
 
 TEST_API_KEY = "test-key-not-a-secret"
 
@@ -17,8 +19,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ingress_key():
+    """The ingress key, in the environment before Ray starts: a local Ray's workers (and
+    so the ingress replicas) inherit the driver's environment, as under `teams-rl serve`."""
+    before = os.environ.get(API_KEY_ENV)
+    os.environ[API_KEY_ENV] = TEST_API_KEY
+    yield TEST_API_KEY
+    if before is None:
+        os.environ.pop(API_KEY_ENV, None)
+    else:
+        os.environ[API_KEY_ENV] = before
+
+
 @pytest.fixture(scope="session")
-def serve_port(ray_session) -> int:
+def serve_port(ingress_key, ray_session) -> int:
     """Serve's HTTP options are fixed once per Ray session: every test app shares them."""
     from ray import serve
 
@@ -31,7 +46,7 @@ def serve_port(ray_session) -> int:
 def demo_cfg(serve_port) -> TeamsRLConfig:
     return load_config(
         "configs/demo.yaml",
-        [f"serve.port={serve_port}", f"serve.api_key={TEST_API_KEY}", "serve.max_batch_size=8"],
+        [f"serve.port={serve_port}", "serve.max_batch_size=8"],
     )
 
 
@@ -41,3 +56,20 @@ def demo_app(demo_cfg):
     from serve.app import deploy
 
     return deploy(demo_cfg)
+
+
+def deploy_scripted(serve_port: int, name: str, script: dict, **serve_overrides):
+    """A one-deployment app around the scripted backend (a test double), under /<name>."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    overrides = [f"serve.port={serve_port}", "serve.app_name=" + name,
+                 "models.expert.backend=scripted", f"models.expert.model={name}"]
+    overrides += [f"serve.{k}={v}" for k, v in serve_overrides.items()]
+    cfg = load_config(None, overrides)
+    cfg.models.expert.script = script
+    cfg.models.instructor = cfg.models.expert
+    cfg.models.reviewer = cfg.models.expert
+    serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
+    return cfg

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from tests.integration.conftest import free_port
+from serve.auth import API_KEY_ENV
+from tests.integration.conftest import TEST_API_KEY, free_port
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "rl_system.cli"]
@@ -39,9 +40,21 @@ def test_invalid_config_fails_before_ray_starts():
     assert "Started a local Ray instance" not in proc.stderr
 
 
+def test_a_public_host_without_a_key_is_refused_before_ray_starts():
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    proc = subprocess.run(
+        [*CLI, "serve", "--config", "configs/demo.yaml", "--set", "serve.host=0.0.0.0"],
+        capture_output=True, text=True, timeout=60, env={**env, "RAY_ADDRESS": ""},
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "serve.host is 0.0.0.0" in proc.stderr and API_KEY_ENV in proc.stderr
+    assert "serve.api_key_file" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr
+
+
 def test_serve_until_interrupted(tmp_path):
     port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1", API_KEY_ENV: TEST_API_KEY}
     proc = subprocess.Popen(
         [*CLI, "serve", "--config", "configs/demo.yaml", "--set", f"serve.port={port}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -57,8 +70,10 @@ def test_serve_until_interrupted(tmp_path):
             lines.append(line)
             if "serving roles at" in line:
                 break
-        assert any(f"http://127.0.0.1:{port}/v1" in ln for ln in lines), "".join(lines[-30:])
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        assert any(f"http://127.0.0.1:{port}/v1" in ln and "auth on" in ln for ln in lines), (
+            "".join(lines[-30:])
+        )
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TEST_API_KEY)
         reply = client.chat.completions.create(
             model="expert", messages=[{"role": "user", "content": "Say hi."}], max_tokens=8
         )

@@ -25,7 +25,6 @@ from rl_system.config import load_config
 from rl_system.pipeline import run_pipeline
 from train.report import PLOT_TITLES
 
-from .conftest import TEST_API_KEY
 from .rl_system.test_dataset_real_model import check_dataset_outputs
 
 pytestmark = pytest.mark.slow
@@ -37,7 +36,7 @@ SEEDS = {"policy": 16, "wizardlm": 14}
 
 def _cfg(demo_cfg, root: Path, name: str, extra: list[str]):
     return load_config("configs/demo.yaml", [
-        f"serve.port={demo_cfg.serve.port}", f"serve.api_key={TEST_API_KEY}",
+        f"serve.port={demo_cfg.serve.port}",
         f"run.dir={root}", f"run.name={name}",
         # stage 1: one short TRPO iteration on the driver's env runner
         "policy.iterations=1", "policy.num_env_runners=0", "policy.train_batch_size=6",

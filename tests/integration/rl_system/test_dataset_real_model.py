@@ -101,7 +101,6 @@ def test_openai_backend_key_from_env_never_written(demo_app, demo_cfg, tmp_path,
         "models.expert.backend=openai", f"models.expert.base_url={demo_cfg.serve.base_url}",
         f"models.expert.api_key_env={KEY_ENV}",
     ])
-    assert cfg.serve.api_key is None  # the key reaches the run only through the environment
     logged = []
     manifest = build_dataset(cfg, log=logged.append)
     expert = manifest["queries"]["wizardlm"]["expert"]

@@ -6,9 +6,8 @@ import httpx
 import openai
 import pytest
 
-from rl_system.config import load_config
 from serve.client import LLMCallError, LLMClient
-from tests.integration.conftest import TEST_API_KEY
+from tests.integration.conftest import TEST_API_KEY, deploy_scripted
 
 CAPITALS = [
     ("What is the capital of France? Answer with one word.", "Paris", "Berlin"),
@@ -85,25 +84,8 @@ def test_malformed_requests_get_4xx_json_and_serving_continues(demo_app):
     assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"]
 
 
-def _deploy_scripted(serve_port: int, name: str, script: dict, **serve_overrides):
-    """A one-deployment app around the scripted backend (a test double for failures)."""
-    from ray import serve
-
-    from serve.app import build_app
-
-    overrides = [f"serve.port={serve_port}", "serve.app_name=" + name,
-                 "models.expert.backend=scripted", f"models.expert.model={name}"]
-    overrides += [f"serve.{k}={v}" for k, v in serve_overrides.items()]
-    cfg = load_config(None, overrides)
-    cfg.models.expert.script = script
-    cfg.models.instructor = cfg.models.expert
-    cfg.models.reviewer = cfg.models.expert
-    serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
-    return cfg
-
-
 def test_backend_error_reaches_the_caller_with_its_message(serve_port):
-    cfg = _deploy_scripted(serve_port, "failing", {"error": "the model fell over"})
+    cfg = deploy_scripted(serve_port, "failing", {"error": "the model fell over"})
     client = LLMClient.from_config(cfg, "expert", transport="handle")
     with pytest.raises(LLMCallError, match="expert: .*the model fell over"):
         client.generate(["hello"])
@@ -115,7 +97,7 @@ def test_backend_error_reaches_the_caller_with_its_message(serve_port):
 def test_slow_backend_times_out_instead_of_hanging(serve_port):
     import time
 
-    cfg = _deploy_scripted(serve_port, "slow", {"latency_s": 30}, request_timeout_s=1)
+    cfg = deploy_scripted(serve_port, "slow", {"latency_s": 30}, request_timeout_s=1)
     client = LLMClient.from_config(cfg, "expert", transport="handle")
     started = time.monotonic()
     with pytest.raises(LLMCallError, match="took longer than 1 s"):

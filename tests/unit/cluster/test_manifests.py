@@ -8,7 +8,6 @@ seconds.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
@@ -24,6 +23,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from rl_system.cli import main
 from rl_system.config import ModelRoleConfig, load_config
+from serve.backends.vllm_backend import KEYED_INGRESS
 
 REPO = Path(__file__).resolve().parents[3]
 CLUSTER = REPO / "cluster"
@@ -98,16 +98,43 @@ def test_committed_serve_config_is_what_teams_rl_serve_emits(tmp_path):
     )
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None,
-    reason="ray.serve.llm.LLMConfig needs vLLM (the [vllm] extra)",
-)
 def test_vllm_llm_configs_validate_with_ray_serve_llm():
-    from ray.serve.llm import LLMConfig
+    # ray.serve.llm refuses to import without vLLM; its LLMConfig model does not need it.
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
 
-    for app in _yaml(SERVE_CONFIG)["applications"]:
-        for llm in app["args"].get("llm_configs", []):
-            LLMConfig(**llm)
+    configs = [llm for app in _yaml(SERVE_CONFIG)["applications"]
+               for llm in app["args"].get("llm_configs", [])]
+    assert configs
+    for llm in configs:
+        LLMConfig(**llm)
+
+
+@pytest.mark.parametrize(
+    "source", ["cluster/serve_config.yaml", "cluster/kuberay/rayservice.yaml:serveConfigV2"]
+)
+def test_every_public_serve_app_checks_the_key(source):
+    data = _rayservice_serve_config() if source.endswith("serveConfigV2") else _yaml(SERVE_CONFIG)
+    assert data["http_options"]["host"] == "0.0.0.0"
+    for app in data["applications"]:
+        if app["import_path"] == "ray.serve.llm:build_openai_app":
+            assert app["args"]["ingress_cls_config"]["ingress_cls"] == KEYED_INGRESS, app["name"]
+        else:  # our ingress, which reads the key in its replica
+            assert app["import_path"] == "serve.app:app_builder", app["name"]
+
+
+def test_every_pod_requires_the_ingress_key_secret():
+    for name, spec in _ray_cluster_specs().items():
+        for pod in _pod_specs(spec):
+            for container in pod["containers"]:
+                env = {v["name"]: v for v in container.get("env", [])}
+                ref = env["TEAMS_RL_API_KEY"]["valueFrom"]["secretKeyRef"]
+                assert ref["name"] == "teams-rl-secrets" and not ref.get("optional"), name
+
+
+def test_the_readme_calls_the_endpoint_with_the_key():
+    text = (CLUSTER / "README.md").read_text().replace("\\\n", " ")  # join continued lines
+    calls = [line for line in text.splitlines() if "curl " in line and ":8000" in line]
+    assert any("Authorization: Bearer $TEAMS_RL_API_KEY" in c for c in calls), calls
 
 
 # Run config -------------------------------------------------------------------------------

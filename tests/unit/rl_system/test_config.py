@@ -45,15 +45,26 @@ def test_autoscaling_bounds_checked():
         load_config(None, ["serve.autoscaling.min_replicas=3", "serve.autoscaling.max_replicas=2"])
 
 
-def test_api_key_from_env_and_never_written(tmp_path, monkeypatch):
+def test_the_ingress_key_is_never_a_config_value(tmp_path, monkeypatch):
     monkeypatch.setenv("TEAMS_RL_API_KEY", "s3cret-value")
-    cfg = load_config(None)
-    assert cfg.serve.api_key.get_secret_value() == "s3cret-value"
+    for source, overrides in ((None, ["serve.api_key=s3cret-value"]),
+                              (_write(tmp_path, "serve:\n  api_key: s3cret-value\n"), [])):
+        with pytest.raises(ConfigError) as err:
+            load_config(source, overrides)
+        text = str(err.value)
+        assert "serve.api_key" in text and "TEAMS_RL_API_KEY" in text
+        assert "serve.api_key_file" in text and "s3cret-value" not in text
+    cfg = load_config(None, ["serve.api_key_file=/run/secrets/key"])
     out = tmp_path / "config.yaml"
     save_resolved(cfg, out)
-    assert "s3cret-value" not in out.read_text()
-    assert "s3cret-value" not in repr(cfg)
-    assert yaml.safe_load(out.read_text())["serve"]["port"] == 8000
+    assert "s3cret-value" not in out.read_text() and "s3cret-value" not in repr(cfg)
+    assert yaml.safe_load(out.read_text())["serve"]["api_key_file"] == "/run/secrets/key"
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "with_key.yaml"
+    path.write_text(text)
+    return path
 
 
 def test_section_hash_changes_only_with_its_sections():

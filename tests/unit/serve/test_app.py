@@ -1,8 +1,13 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from rl_system.config import load_config
-from serve.app import llm_server_specs, routes, serve_config
+from rl_system.config import ROLES, ConfigError, load_config
+from serve.app import check_key, llm_server_specs, routes, serve_config
+from serve.backends.vllm_backend import KEYED_INGRESS, VLLM_ROUTE_PREFIX
 
 
 def test_demo_roles_share_one_deployment_and_route_by_role_or_model():
@@ -32,3 +37,53 @@ def test_roles_on_different_models_get_their_own_deployments():
     )
     assert len(llm_server_specs(cfg)) == 2
     assert routes(cfg)["reviewer"] == "llm-scripted-judge"
+
+
+def test_the_ingress_is_bound_with_the_key_files_path_never_the_key(monkeypatch):
+    import cloudpickle
+
+    from serve.app import build_app
+
+    monkeypatch.setenv("TEAMS_RL_API_KEY", "never-bound-key")
+    cfg = load_config(None, ["models.expert.backend=scripted", "models.expert.model=echo",
+                             "serve.api_key_file=/run/secrets/teams-rl",
+                             "serve.limits.max_tokens=64"])
+    app = build_app(cfg)
+    kwargs = app._bound_deployment.init_kwargs
+    assert kwargs["api_key_file"] == "/run/secrets/teams-rl"
+    assert kwargs["limits"]["max_tokens"] == 64 and kwargs["roles"] == ROLES
+    args = app._bound_deployment.init_args
+    assert b"never-bound-key" not in cloudpickle.dumps((args[1], kwargs))  # Serve stores these
+
+
+def test_the_llm_servers_take_the_max_tokens_cap_from_config():
+    cfg = load_config("configs/demo.yaml", ["serve.limits.max_tokens=512"])
+    assert {s.max_new_tokens_limit for s in llm_server_specs(cfg).values()} == {512}
+
+
+def test_a_public_host_without_a_key_is_refused_with_the_way_to_set_one(monkeypatch, tmp_path):
+    monkeypatch.delenv("TEAMS_RL_API_KEY", raising=False)
+    assert check_key(load_config(None)) is False  # loopback: an open ingress is allowed
+    with pytest.raises(ConfigError) as err:
+        check_key(load_config(None, ["serve.host=0.0.0.0"]))
+    assert "TEAMS_RL_API_KEY" in str(err.value) and "serve.api_key_file" in str(err.value)
+    key_file = tmp_path / "key"
+    key_file.write_text("from-a-file\n")
+    assert check_key(load_config(None, ["serve.host=0.0.0.0", f"serve.api_key_file={key_file}"]))
+    monkeypatch.setenv("TEAMS_RL_API_KEY", "from-env")
+    assert check_key(load_config(None, ["serve.host=10.1.2.3"]))
+
+
+def test_vllm_roles_get_ray_serve_llms_ingress_behind_our_key_check(monkeypatch):
+    monkeypatch.setenv("TEAMS_RL_API_KEY", "do-not-write-me")
+    cfg = load_config("configs/gpu-cluster.yaml")
+    text = yaml.safe_dump(serve_config(cfg))
+    assert "do-not-write-me" not in text
+    (vllm,) = [a for a in ServeDeploySchema.model_validate(yaml.safe_load(text)).applications
+               if a.route_prefix == VLLM_ROUTE_PREFIX]
+    ingress = vllm.args["ingress_cls_config"]
+    assert ingress["ingress_cls"] == KEYED_INGRESS
+    assert ingress["ingress_extra_kwargs"]["host"] == "0.0.0.0"
+    module, cls = KEYED_INGRESS.split(":")
+    source = Path(importlib.util.find_spec(module).origin).read_text()
+    assert f"class {cls}(" in source and "guard(" in source
