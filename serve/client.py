@@ -718,8 +718,9 @@ class LLMClient:
 def _is_transient(exc: BaseException) -> bool:
     """A backend error says for itself; anything else (a dead actor, a lost connection)
     is an infrastructure failure that a later attempt may get past."""
-    cause = getattr(exc, "cause", None)
-    for e in (exc, cause):
+    # The cause first: Ray's wrapper subclasses the cause's class but not its state, so
+    # the wrapper itself reads the class default.
+    for e in (getattr(exc, "cause", None), exc):
         if isinstance(e, BackendError):
             return e.transient
     return True

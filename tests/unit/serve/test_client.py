@@ -182,3 +182,18 @@ def test_from_config_picks_each_backends_endpoint(monkeypatch):
     assert (handle.retry.max_retries, handle.limit.role) == (5, "reviewer")
     with pytest.raises(ValueError, match="reached over HTTP only"):
         LLMClient.from_config(cfg, "expert", transport="handle")
+
+
+def test_a_rejection_stays_non_transient_through_rays_error_wrapper():
+    """A replica's error reaches the caller as RayTaskError(BackendError): a subclass of
+    the cause's class that lacks the cause's ``transient``."""
+    from ray.exceptions import RayTaskError
+
+    from serve.client import _is_transient
+
+    try:
+        raise BackendError("prompt is too long", transient=False)
+    except BackendError as exc:
+        wrapped = RayTaskError("generate", "traceback", exc).as_instanceof_cause()
+    assert isinstance(wrapped, BackendError)
+    assert _is_transient(wrapped) is False
