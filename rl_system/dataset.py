@@ -49,11 +49,23 @@ from typing import Any
 from rl_system.actions import ACTIONS
 from rl_system.config import TeamsRLConfig
 from rl_system.reviewer import RULE_NAMES, Review
+from rl_system.rundir import (
+    COMPLETE,
+    INCOMPLETE,
+    RUNNING,
+    RunMismatch,
+    check_same_run,
+    read_manifest,
+    run_lock,
+    write_json,
+    write_manifest,
+)
 from rl_system.seeds import Seed, SeedSet, load_seeds
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+STAGE = "dataset"
 CACHE_DIR = "cache"
 DATA_DIR = "data"
 ROWS_PER_SHARD = 5000
@@ -61,8 +73,16 @@ ROLES = ("expert", "reviewer", "instructor")
 USAGE_KEYS = ("queries", "cached", "prompt_tokens", "completion_tokens", "failures")
 
 
-class DatasetRunMismatch(RuntimeError):
-    """The run directory holds a dataset built with a different config."""
+DatasetRunMismatch = RunMismatch  # the run directory holds a dataset of another config
+
+
+class DatasetIncomplete(RuntimeError):
+    """Seeds failed transiently (a role down, overloaded, timing out): the build is not
+    complete; the same command retries them. ``manifest`` is what was written."""
+
+    def __init__(self, message: str, manifest: dict):
+        super().__init__(message)
+        self.manifest = manifest
 
 
 class BudgetExhausted(RuntimeError):
@@ -477,15 +497,75 @@ def row_schema():
     ])
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)  # atomic: a crash leaves the old file
+_write_json = write_json
+_read_manifest = read_manifest
 
 
-def _read_manifest(out_dir: Path) -> dict | None:
-    path = out_dir / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
+@dataclass
+class SeedTally:
+    """Which seeds finished, and why the others did not (``budget``: the query budget cut
+    them short; ``failure``: a call failed transiently; ``stopped``: never reached because
+    the build stopped early). Pure bookkeeping over the stage rows, in arrival order."""
+
+    total: int
+    max_failure_rate: float
+    done: int = 0
+    incomplete: Counter = field(default_factory=Counter)
+    first_failure: str | None = None  # "<role>: <message>"
+
+    def add(self, row: dict) -> None:
+        self.done += 1
+        if not row.get("incomplete"):
+            return
+        failure = row.get("failure")
+        self.incomplete["failure" if failure else "budget"] += 1
+        if failure and self.first_failure is None:
+            self.first_failure = failure
+
+    @property
+    def too_many_failures(self) -> bool:
+        return self.incomplete["failure"] > self.max_failure_rate * self.total
+
+    def stop_early(self) -> None:
+        self.incomplete["stopped"] += self.total - self.done
+
+    @property
+    def seeds_incomplete(self) -> int:
+        return sum(self.incomplete.values())
+
+    def failure_record(self) -> dict[str, str] | None:
+        if self.first_failure is None:
+            return None
+        role, _, message = self.first_failure.partition(": ")
+        return {"role": role, "message": message} if message else {"role": "?",
+                                                                    "message": role}
+
+    def failure_message(self) -> str | None:
+        """What the command says when seeds failed; None when none did."""
+        if not self.incomplete["failure"]:
+            return None
+        f = self.failure_record()
+        stopped = (f"; stopped early: more than dataset.max_failure_rate="
+                   f"{self.max_failure_rate:g} of the seeds failed" if self.incomplete["stopped"]
+                   else "")
+        return (f"dataset incomplete: {self.incomplete['failure']} of {self.total} seeds "
+                f"failed, the {f['role']} role said: {f['message']}{stopped}. Bring the "
+                f"{f['role']} role back and run the same command again: only unfinished "
+                "seeds are asked again (cached answers are replayed, not paid)")
+
+
+def empty_reason(summary: dict) -> str:
+    """Why a build wrote no pairs (an empty build writes no parquet shard)."""
+    if summary["seeds_incomplete"]:
+        return (f"all {summary['seeds_incomplete']} unfinished seeds are left for the next run "
+                "(budget or failed calls)")
+    if not summary["evolutions_tried"]:
+        return "no evolution was tried (every chosen action was stop)"
+    return ("every evolution failed, was eliminated or lost its response "
+            f"(failed {summary['evolutions_failed']}, reviews failed "
+            f"{summary['reviews_failed']}, eliminated {sum(summary['eliminated'].values())}, "
+            f"responses failed {summary['responses_failed']}, duplicates "
+            f"{summary['duplicates_exact'] + summary['duplicates_near']})")
 
 
 def _secrets(cfg: TeamsRLConfig) -> dict[str, _Secret]:
@@ -542,8 +622,8 @@ def dataset_is_done(cfg: TeamsRLConfig) -> bool:
     """
     from rl_system.strategies import STRATEGIES, PolicyCheckpointError, resolve_policy_checkpoint
 
-    manifest = _read_manifest(cfg.stage_dir("dataset").resolve())
-    if not manifest or manifest.get("status") != "complete":
+    manifest = read_manifest(cfg.stage_dir("dataset").resolve())
+    if not manifest or manifest.get("status") != COMPLETE:
         return False
     checkpoint = None
     if STRATEGIES[cfg.dataset.strategy].needs_policy:
@@ -551,7 +631,7 @@ def dataset_is_done(cfg: TeamsRLConfig) -> bool:
             checkpoint = str(resolve_policy_checkpoint(cfg))
         except PolicyCheckpointError:
             return False
-    return manifest.get("config_hash") == config_hash(cfg, checkpoint)
+    return manifest.get("fingerprint") == config_hash(cfg, checkpoint)
 
 
 def _empty_usage() -> dict[str, dict[str, int]]:
@@ -561,8 +641,16 @@ def _empty_usage() -> dict[str, dict[str, int]]:
 def build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None] = logger.info) -> dict:
     """Run (or resume) stage 2; Ray and the role applications must be up.
 
-    Returns the manifest (also written to ``runs/<name>/dataset/manifest.json``).
+    Returns the manifest (also written to ``runs/<name>/dataset/manifest.json``); its status
+    is ``incomplete`` while any seed is unfinished. Raises ``DatasetIncomplete`` (naming the
+    role and its error) when seeds failed transiently, after writing what was finished, and
+    ``RunMismatch`` when the directory holds a dataset of another config.
     """
+    with run_lock(cfg.run_dir, what="teams-rl build-dataset"):
+        return _build_dataset(cfg, log=log)
+
+
+def _build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> dict:
     import ray
 
     started = time.monotonic()
@@ -571,18 +659,13 @@ def build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None] = logger.inf
     out_dir = cfg.stage_dir("dataset").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     digest = config_hash(cfg, checkpoint)
-    previous = _read_manifest(out_dir)
-    if previous and previous.get("config_hash") != digest:
-        raise DatasetRunMismatch(
-            f"{out_dir} holds a dataset built with a different config (hash "
-            f"{previous.get('config_hash')}, now {digest}); set run.name to a new name "
-            "(or delete that directory) to build a new dataset"
-        )
-    if previous and previous.get("status") == "complete":
+    inputs = {"policy_checkpoint": checkpoint}
+    previous = check_same_run(out_dir, digest, what="a dataset")
+    if previous and previous.get("status") == COMPLETE:
         log(f"dataset: already complete in {out_dir}")
         return previous
-    _write_json(out_dir / MANIFEST, {"config_hash": digest, "status": "running",
-                                     "strategy": strategy})
+    write_manifest(out_dir, stage=STAGE, fingerprint=digest, status=RUNNING, inputs=inputs,
+                   strategy=strategy)
 
     budget = (_make_budget(cfg.dataset.max_expert_queries)
               if cfg.dataset.max_expert_queries else None)
@@ -603,15 +686,23 @@ def build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None] = logger.inf
     counts: Counter = Counter()
     usage = _empty_usage()
     results = []
+    tally = SeedTally(total=len(seeds), max_failure_rate=cfg.dataset.max_failure_rate)
     metrics = _metrics()
-    for row in ds.iter_rows():
+    rows_iter = ds.iter_rows()
+    for row in rows_iter:
         results.append(row)
+        tally.add(row)
         seed_counts = json.loads(row["counts"])
         counts.update(seed_counts)
         for role, u in json.loads(row["usage"]).items():
             for k, v in u.items():
                 usage[role][k] += v
         _record_metrics(metrics, strategy, seed_counts, json.loads(row["usage"]))
+        if tally.too_many_failures and tally.done < tally.total:
+            # The role is down or overloaded: the remaining seeds would fail the same way.
+            tally.stop_early()
+            break
+    del rows_iter, ds  # stops the stage actors when the build stopped early
     results.sort(key=lambda r: r["seed_index"])
     if budget is not None:
         ray.kill(budget)
@@ -637,7 +728,6 @@ def build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None] = logger.inf
     encoder = TextEncoder(cfg.models.encoder)
     kept, exact, near = dedupe(rows, threshold=cfg.dataset.dedupe_threshold,
                                encode=encoder.encode)
-    incomplete = sum(1 for r in results if r["incomplete"])
     files = _write_outputs(out_dir, kept, by_seed)
     if metrics is not None and kept:
         metrics.pairs.inc(len(kept), tags={"strategy": strategy})
@@ -645,7 +735,11 @@ def build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None] = logger.inf
     expert = usage["expert"]
     summary = {
         "seeds_read": len(seeds), "seeds_skipped_bad": seeds.skipped_bad,
-        "seeds_skipped_empty": seeds.skipped_empty, "seeds_incomplete": incomplete,
+        "seeds_skipped_empty": seeds.skipped_empty,
+        "seeds_incomplete": tally.seeds_incomplete,
+        "seeds_incomplete_by_cause": {c: tally.incomplete[c]
+                                      for c in ("budget", "failure", "stopped")},
+        "first_failure": tally.failure_record(),
         "evolutions_tried": counts["evolutions_tried"],
         "evolutions_failed": counts["evolutions_failed"],
         "reviews_failed": counts["reviews_failed"],
@@ -654,24 +748,31 @@ def build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None] = logger.inf
         "responses_failed": counts["responses_failed"],
         "duplicates_exact": exact, "duplicates_near": near, "pairs_written": len(kept),
     }
+    if not kept:
+        summary["empty_reason"] = empty_reason(summary)
     logical = expert["queries"] + expert["cached"]
-    manifest = {
-        "config_hash": digest,
-        "status": "incomplete" if incomplete else "complete",
-        "strategy": strategy, "policy_checkpoint": checkpoint,
-        "seeds": str(seeds.path), "expert_model": cfg.models.expert.model,
-        "summary": summary,
-        "queries": {strategy: usage},
-        "expert_queries": expert["queries"], "expert_queries_cached": expert["cached"],
-        "expert_queries_per_pair": (logical / len(kept)) if kept else None,
-        "elapsed_s": round(time.monotonic() - started, 2),
-        "files": files,
-    }
-    _write_json(out_dir / MANIFEST, manifest)
+    manifest = write_manifest(
+        out_dir, stage=STAGE, fingerprint=digest,
+        status=INCOMPLETE if tally.seeds_incomplete else COMPLETE, inputs=inputs,
+        strategy=strategy, policy_checkpoint=checkpoint,
+        seeds=str(seeds.path), expert_model=cfg.models.expert.model,
+        summary=summary,
+        queries={strategy: usage},
+        expert_queries=expert["queries"], expert_queries_cached=expert["cached"],
+        expert_queries_per_pair=(logical / len(kept)) if kept else None,
+        elapsed_s=round(time.monotonic() - started, 2),
+        files=files,
+    )
     log(format_summary(manifest))
-    if incomplete:
+    if not kept:
+        log(f"dataset: no pairs written, so no parquet shard: {summary['empty_reason']}")
+    failure = tally.failure_message()
+    if failure:
+        raise DatasetIncomplete(failure, manifest)
+    if tally.incomplete["budget"]:
         log(f"dataset: budget dataset.max_expert_queries={cfg.dataset.max_expert_queries} "
-            f"reached; {incomplete} seeds left for the next run (same command resumes)")
+            f"reached; {tally.incomplete['budget']} seeds left for the next run (same command "
+            "resumes)")
     return manifest
 
 
@@ -684,7 +785,8 @@ def _write_outputs(out_dir: Path, rows: list[dict], seeds: dict[str, Seed]) -> d
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     shards = []
-    for n, start in enumerate(range(0, max(len(rows), 1), ROWS_PER_SHARD)):
+    # An empty build writes no shard: a 0-row parquet file is refused by datasets.load_dataset.
+    for n, start in enumerate(range(0, len(rows), ROWS_PER_SHARD)):
         table = pa.Table.from_pylist(rows[start:start + ROWS_PER_SHARD], schema=row_schema())
         name = f"part-{n:05d}.parquet"
         pq.write_table(table, staging / name)
