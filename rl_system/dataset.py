@@ -247,6 +247,7 @@ class EpisodeResult:
     candidates: list[dict] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
     incomplete: bool = False
+    failure: str | None = None  # "<role>: <message>" of the transient failure that stopped it
 
 
 def run_episode(
@@ -280,7 +281,10 @@ def run_episode(
             result.incomplete = True
             counts["evolutions_tried"] -= 1
             break
-        except LLMCallError:
+        except LLMCallError as exc:
+            if exc.transient:  # may succeed later: this seed is redone by the next run
+                result.incomplete, result.failure = True, str(exc)
+                break
             counts["evolutions_failed"] += 1
             spent_queries += 1
             continue
@@ -292,7 +296,10 @@ def run_episode(
             continue
         try:
             review = reviewer.review(instruction, text, history=history)
-        except LLMCallError:
+        except LLMCallError as exc:
+            if exc.transient:
+                result.incomplete, result.failure = True, str(exc)
+                break
             counts["reviews_failed"] += 1
             continue
         if review.eliminated:
@@ -383,7 +390,7 @@ class EvolveStage(_ModelStage):
                                   rng=seed_rng(self.cfg, seed.id))
             out.append({**row, "candidates": json.dumps(episode.candidates),
                         "counts": json.dumps(episode.counts), "incomplete": episode.incomplete,
-                        "usage": self._usage(roles, before)})
+                        "failure": episode.failure, "usage": self._usage(roles, before)})
         return pa.Table.from_pylist(out)
 
 
@@ -397,7 +404,7 @@ class RespondStage(_ModelStage):
         for row in batch.to_pylist():
             before = {"expert": self.expert.snapshot()}
             candidates, counts = json.loads(row["candidates"]), Counter(json.loads(row["counts"]))
-            incomplete = row["incomplete"]
+            incomplete, failure = row["incomplete"], row.get("failure")
             kept = []
             if candidates and not incomplete:
                 answers = self.expert.generate(
@@ -407,6 +414,9 @@ class RespondStage(_ModelStage):
                 for c, answer in zip(candidates, answers, strict=True):
                     if isinstance(answer, BudgetExhausted):
                         incomplete = True
+                        continue
+                    if isinstance(answer, LLMCallError) and answer.transient:
+                        incomplete, failure = True, failure or str(answer)
                         continue
                     c["expert_queries"] += 1
                     if isinstance(answer, LLMCallError) or not answer.text.strip():
@@ -420,7 +430,7 @@ class RespondStage(_ModelStage):
             usage["expert"] = {k: usage["expert"][k] + mine[k] for k in mine}
             out.append({**row, "candidates": json.dumps([] if incomplete else kept),
                         "counts": json.dumps(counts), "incomplete": incomplete,
-                        "usage": json.dumps(usage)})
+                        "failure": failure, "usage": json.dumps(usage)})
         return pa.Table.from_pylist(out)
 
 
