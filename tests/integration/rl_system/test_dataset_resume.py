@@ -182,23 +182,66 @@ def test_bad_seeds_and_empty_rewrites(scripted, tmp_path):
     assert seeds_in_rows == {"a"}
 
 
-def test_erroring_expert_is_counted_and_run_continues(serve_port, scripted, tmp_path):
-    from ray import serve
+def _expert_down(cfg, name):
+    """The expert behind an OpenAI-compatible URL where nothing listens."""
+    from tests.integration.conftest import free_port
 
-    from serve.app import build_app
+    down = cfg.model_copy(deep=True)
+    down.run.name = name
+    down.models.expert = down.models.expert.model_copy(update={
+        "backend": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1",
+        "max_retries": 0, "timeout_s": 5.0})
+    return down
 
-    cfg = _scripted_cfg(serve_port, tmp_path, "dserr",
-                        [f"dataset.seeds={scripted.dataset.seeds}", "dataset.num_seeds=2"],
-                        script={"error": "expert is down"})
-    serve.run(build_app(cfg), name="dserr", route_prefix="/dserr")
-    try:
-        manifest = build_dataset(cfg)
-    finally:
-        serve.delete("dserr")
+
+def test_expert_down_is_incomplete_then_resumes_without_repaying(scripted):
+    from rl_system.dataset import DatasetIncomplete
+
+    ref = scripted.model_copy(deep=True)
+    ref.run.name = "down-ref"
+    reference = build_dataset(ref)
+    # 1. a partial build (budget) leaves cached answers
+    cfg = scripted.model_copy(deep=True)
+    cfg.run.name = "down"
+    cfg.dataset.max_expert_queries = 3
+    first = build_dataset(cfg)
+    assert first["status"] == "incomplete"
+    # 2. the expert is down for the whole build: incomplete, the role named, stopped early
+    down = _expert_down(cfg, "down")
+    down.dataset.max_expert_queries = None
+    with pytest.raises(DatasetIncomplete, match=r"the expert role said: .+stopped early") as e:
+        build_dataset(down)
+    assert e.value.manifest["status"] == "incomplete"
+    manifest = json.loads((cfg.stage_dir("dataset") / "manifest.json").read_text())
     s = manifest["summary"]
-    assert manifest["status"] == "complete" and s["pairs_written"] == 0
-    assert s["evolutions_failed"] == s["evolutions_tried"] == 4
-    assert manifest["queries"]["wizardlm"]["expert"]["failures"] == 4
+    assert manifest["status"] == "incomplete" and s["first_failure"]["role"] == "expert"
+    # No seed finishes from the cache alone (each needs 4 expert calls, 3 were paid), so
+    # every seed fails; past dataset.max_failure_rate=0.5 (more than 3 of 6) it stops.
+    assert s["seeds_incomplete_by_cause"] == {"budget": 0, "failure": 4, "stopped": 2}
+    # 3. back up: completes with the reference rows; what was cached is not paid again
+    cfg.dataset.max_expert_queries = None
+    resumed = build_dataset(cfg)
+    assert resumed["status"] == "complete"
+    assert _ids(cfg) == _ids(ref)
+    logical = reference["expert_queries"]
+    assert resumed["expert_queries"] + resumed["expert_queries_cached"] == logical
+    assert first["expert_queries"] + resumed["expert_queries"] == logical
+    assert resumed["expert_queries_cached"] == first["expert_queries"]
+
+
+def test_expert_down_for_the_whole_build_writes_no_shard_and_says_why(scripted):
+    from rl_system.dataset import DatasetIncomplete
+
+    down = _expert_down(scripted, "alldown")
+    down.dataset.max_failure_rate = 1.0  # never stop early: every seed is tried
+    with pytest.raises(DatasetIncomplete, match="6 of 6 seeds failed, the expert role"):
+        build_dataset(down)
+    manifest = json.loads((down.stage_dir("dataset") / "manifest.json").read_text())
+    assert manifest["summary"]["seeds_incomplete_by_cause"] == {
+        "budget": 0, "failure": 6, "stopped": 0}
+    assert manifest["files"]["parquet"] == []
+    assert not list((down.stage_dir("dataset") / "data").glob("*.parquet"))
+    assert "unfinished seeds" in manifest["summary"]["empty_reason"]
 
 
 def test_missing_or_incompatible_checkpoint_fails_before_any_query(scripted, tmp_path):
