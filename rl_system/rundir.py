@@ -95,6 +95,13 @@ def fingerprint(section: Any, inputs: dict[str, str | None] | None = None) -> st
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def output_fingerprint(manifest: dict[str, Any]) -> str:
+    """What a later stage records of this one: its fingerprint *and* what it produced, so a
+    partial build that later completes (same config, more rows) is a changed input."""
+    return fingerprint({k: manifest.get(k) for k in ("fingerprint", "status", "files",
+                                                       "summary")})
+
+
 def read_manifest(stage_dir: str | os.PathLike) -> dict[str, Any] | None:
     manifest = read_json(Path(stage_dir) / MANIFEST)
     return manifest if isinstance(manifest, dict) else None
