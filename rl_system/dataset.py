@@ -187,7 +187,8 @@ class CachedRole:
             results[i] = BudgetExhausted(
                 f"dataset.max_expert_queries reached; run again to continue (role {self.role})"
             )
-        for i, answer in zip(paid, call(paid), strict=True):
+        # Nothing to pay for: the HTTP transport refuses an empty batch (no worker threads).
+        for i, answer in zip(paid, call(paid) if paid else [], strict=True):
             results[i] = answer
             if not isinstance(answer, BaseException):
                 self.cache.put(keys[i], encode(answer))
