@@ -211,6 +211,8 @@ def _evaluate_parts(run_dir: str, cfg_data: dict[str, Any], parts: list[str], *,
         mia = _membership_inference(run, model_dir, run / "dataset", cfg, log=log)
         mia["elapsed_s"] = round(time.monotonic() - started, 2)
         out[MIA_FILE] = mia
+    for result in out.values():
+        result["evaluated_by_pid"] = os.getpid()  # provenance: driver or the GPU task
     return out
 
 
