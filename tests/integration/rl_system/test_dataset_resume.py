@@ -252,3 +252,74 @@ def test_missing_or_incompatible_checkpoint_fails_before_any_query(scripted, tmp
         build_dataset(cfg)
     assert not (cfg.stage_dir("dataset") / "cache").exists()
     assert not (cfg.stage_dir("dataset") / "manifest.json").exists()
+
+
+@pytest.fixture()
+def lease_app(serve_port, scripted, tmp_path):
+    """A scripted role app, recorded as started by a run (what ``ensure_deployed`` does
+    when it deploys), on a route of its own so it cannot clash with other test apps."""
+    from ray import serve
+
+    from serve.app import _leases, build_app, role_fingerprint
+
+    cfg = _scripted_cfg(serve_port, tmp_path / "runs", "dslease",
+                        [f"dataset.seeds={scripted.dataset.seeds}", "dataset.num_seeds=3"])
+    serve.run(build_app(cfg), name="dslease", route_prefix="/dslease")
+    _leases().acquire("dslease", role_fingerprint(cfg), None, started=True)
+    yield cfg
+    if "dslease" in serve.status().applications:
+        serve.delete("dslease")
+    _leases().release("dslease", None)
+
+
+def test_a_run_releasing_its_lease_keeps_the_roles_another_run_uses(lease_app):
+    from ray import serve
+
+    from rl_system.config import ConfigError
+    from serve.app import ensure_deployed, undeploy
+
+    a, b = lease_app.model_copy(deep=True), lease_app.model_copy(deep=True)
+    a.run.name, b.run.name = "lease-a", "lease-b"
+    ensure_deployed(a, holder=str(a.run_dir))
+    ensure_deployed(b, holder=str(b.run_dir))
+    assert undeploy(a, holder=str(a.run_dir)) is False  # b still holds a lease
+    assert serve.status().applications["dslease"].status == "RUNNING"
+    assert build_dataset(b)["status"] == "complete"  # b's roles still answer
+    # Other roles under the same app name are refused, not silently reused.
+    other = b.model_copy(deep=True)
+    other.models.expert.script = {"default": "something else"}
+    with pytest.raises(ConfigError, match="serve.app_name='dslease' already runs"):
+        ensure_deployed(other, holder="other")
+    assert undeploy(b, holder=str(b.run_dir)) is True  # the last lease: deleted
+    assert "dslease" not in serve.status().applications
+
+
+def test_two_pipelines_on_one_cluster_both_finish(lease_app, monkeypatch):
+    import threading
+
+    from rl_system import pipeline
+
+    # The stages that call the roles (policy is skipped: strategy wizardlm).
+    monkeypatch.setattr(pipeline, "STAGES", pipeline.STAGES[:2])
+    cfgs = []
+    for name in ("pipe-a", "pipe-b"):
+        c = lease_app.model_copy(deep=True)
+        c.run.name = name
+        cfgs.append(c)
+    errors = []
+
+    def run(c):
+        try:
+            pipeline.run_pipeline(c, log=lambda _: None)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in cfgs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert errors == []
+    for c in cfgs:
+        manifest = json.loads((c.stage_dir("dataset") / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["summary"]["pairs_written"] > 0
