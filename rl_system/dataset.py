@@ -857,6 +857,8 @@ def format_summary(manifest: dict) -> str:
              f"  {'seeds read':<44}{s['seeds_read']:>8}",
              f"  {'seeds skipped (malformed / empty)':<44}"
              f"{s['seeds_skipped_bad']:>4} /{s['seeds_skipped_empty']:>2}",
+             f"  {'seeds unfinished (budget / failed / stopped)':<44}"
+             + " /".join(f"{n:>4}" for n in s.get("seeds_incomplete_by_cause", {}).values()),
              f"  {'evolutions tried':<44}{s['evolutions_tried']:>8}",
              f"  {'evolutions failed (model error)':<44}{s['evolutions_failed']:>8}"]
     lines += [f"  {'eliminated: ' + rule:<44}{n:>8}" for rule, n in s["eliminated"].items()]

@@ -323,3 +323,44 @@ def test_two_pipelines_on_one_cluster_both_finish(lease_app, monkeypatch):
     for c in cfgs:
         manifest = json.loads((c.stage_dir("dataset") / "manifest.json").read_text())
         assert manifest["status"] == "complete" and manifest["summary"]["pairs_written"] > 0
+
+
+def _cli(cfg, tmp_path, name):
+    import ray
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(cfg.to_portable_dict()))  # JSON is YAML
+    return [sys.executable, "-m", "rl_system.cli", "build-dataset", "--config", str(path),
+            "--address", ray.get_runtime_context().gcs_address]
+
+
+def test_cli_one_build_per_run_dir_and_a_down_expert_exits_nonzero(scripted, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    cfg = scripted.model_copy(deep=True)
+    cfg.run.name = "cli"
+    cmd = _cli(cfg, tmp_path, "cli")
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=env)
+    lock = cfg.run_dir / ".lock"
+    deadline = time.monotonic() + 120
+    while f"pid {first.pid}" not in (lock.read_text() if lock.exists() else ""):
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+        time.sleep(0.1)
+    started = time.monotonic()
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    waited = time.monotonic() - started
+    assert second.returncode == 1
+    assert f"in use by pid {first.pid} (teams-rl build-dataset)" in second.stderr
+    assert waited < 30, waited
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out
+    assert "dataset build (wizardlm): complete" in out
+
+    down = _expert_down(cfg, "cli-down")
+    proc = subprocess.run(_cli(down, tmp_path, "down"), capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 1
+    assert "Error: dataset incomplete" in proc.stderr and "the expert role said" in proc.stderr
+    manifest = json.loads((down.stage_dir("dataset") / "manifest.json").read_text())
+    assert manifest["status"] == "incomplete"
+    assert manifest["summary"]["first_failure"]["role"] == "expert"
