@@ -263,9 +263,10 @@ def _leases():
             return self.apps.get(app, {}).get("fingerprint")
 
         def acquire(self, app: str, fp: str, holder: str | None, started: bool) -> None:
-            entry = self.apps.setdefault(app, {"fingerprint": fp, "started": started,
+            entry = self.apps.setdefault(app, {"fingerprint": None, "started": False,
                                                "holders": set()})
-            entry["started"] = entry["started"] or started
+            if started:  # only an app we deployed is known to be built from ``fp``
+                entry["fingerprint"], entry["started"] = fp, True
             if holder is not None:
                 entry["holders"].add(holder)
 
@@ -274,10 +275,10 @@ def _leases():
             if entry is None:
                 return False
             entry["holders"].discard(holder)
-            if entry["holders"] or not entry["started"]:
+            if entry["holders"]:
                 return False
             del self.apps[app]
-            return True
+            return entry["started"]  # someone else's `teams-rl serve` is never deleted
 
     actor = RoleLeases.options(name=LEASES_ACTOR, namespace=LEASES_NAMESPACE,
                                lifetime="detached", get_if_exists=True).remote()
