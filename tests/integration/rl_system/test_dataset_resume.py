@@ -320,6 +320,9 @@ def test_two_pipelines_on_one_cluster_both_finish(lease_app, monkeypatch):
     for t in threads:
         t.join(timeout=600)
     assert errors == []
+    from ray import serve
+
+    assert "dslease" not in serve.status().applications  # the last lease deleted them
     for c in cfgs:
         manifest = json.loads((c.stage_dir("dataset") / "manifest.json").read_text())
         assert manifest["status"] == "complete" and manifest["summary"]["pairs_written"] > 0
