@@ -43,7 +43,7 @@ def test_local_task_end_to_end_into_the_report(tmp_path, ray_session):
     out = evaluate_run(run, _cfg(tmp_path, num_gpus=1), log=lambda _: None)
     task = out["lm_eval"]["tasks"]["teams_rl_mc"]
     assert task["n"] == 8
-    check_lm_eval_task(task, out["lm_eval"]["raw_results"]["results"]["teams_rl_mc"])
+    check_lm_eval_task(task, out["lm_eval"]["raw_results"]["teams_rl_mc"])
     check_mia_attacks(out["mia"])
     pids = {out["lm_eval"]["evaluated_by_pid"], out["mia"]["evaluated_by_pid"]}
     assert len(pids) == 1 and os.getpid() not in pids
