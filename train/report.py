@@ -153,7 +153,10 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """lm-eval and membership inference on ``run_dir/sft/final``; outputs in ``eval/``.
 
-    Parts whose output exists are kept unless ``force``. MIA members are a sample of the
+    An output is kept (unless ``force``) when it parses and carries the fingerprint of its
+    config keys and of the model it scored (the SFT marker's): a re-trained model or a
+    changed key redoes it. With ``eval.num_gpus`` > 0 both parts run in one Ray task holding
+    the GPU, lm-eval in its own child process inside it. MIA members are a sample of the
     records SFT trained on (the run's dataset minus SFT's held-out split); non-members are
     ``eval.mia_non_members`` when set, else that held-out split (``sft/heldout.parquet``,
     written when ``sft.eval_fraction`` > 0). With neither, ``mia.json`` says why it was
