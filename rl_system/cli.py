@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import click
@@ -60,6 +60,18 @@ def _user_errors(*errors: type[BaseException]):
         yield
     except errors as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@contextmanager
+def _run_dir_held(cfg: TeamsRLConfig, command: str):
+    """One run per run directory, taken before Ray starts: an unwritable directory or a
+    second run on it fails at once (the message names the holder's pid)."""
+    from rl_system.rundir import RunDirLocked, RunDirUnwritable, run_lock
+
+    with ExitStack() as stack:
+        with _user_errors(RunDirLocked, RunDirUnwritable):
+            stack.enter_context(run_lock(cfg.run_dir, what=f"teams-rl {command}"))
+        yield
 
 
 def _load(config_path: str | None, overrides: tuple[str, ...]) -> TeamsRLConfig:
@@ -216,13 +228,14 @@ def train_policy_command(
     cfg = _load(config_path, overrides)
     with _user_errors(SeedFileError, OSError):
         load_seed_instructions(cfg)  # bad or empty seeds fail here, before Ray starts
-    _init_ray(address)
-    from serve.app import ensure_deployed
+    with _run_dir_held(cfg, "train-policy"):
+        _init_ray(address)
+        from serve.app import ensure_deployed
 
-    with _user_errors(ConfigError):  # e.g. a GPU count no node has (rl_system.placement)
-        ensure_deployed(cfg)
-    with _user_errors(PolicyRunMismatch, InsufficientResources):
-        summaries = train_policy(cfg, log=click.echo)
+        with _user_errors(ConfigError):  # e.g. a GPU count no node has (rl_system.placement)
+            ensure_deployed(cfg)
+        with _user_errors(PolicyRunMismatch, InsufficientResources):
+            summaries = train_policy(cfg, log=click.echo)
     click.echo(f"policy: {len(summaries)} iterations run; outputs in {cfg.stage_dir('policy')}")
 
 
@@ -233,20 +246,26 @@ def build_dataset_command(
     config_path: str | None, overrides: tuple[str, ...], address: str | None
 ) -> None:
     """Stage 2: evolve seeds with dataset.strategy, answer, filter, write parquet + exports."""
-    from rl_system.dataset import DatasetRunMismatch, build_dataset, check_inputs
+    from rl_system.dataset import (
+        DatasetIncomplete,
+        DatasetRunMismatch,
+        build_dataset,
+        check_inputs,
+    )
     from rl_system.seeds import SeedFileError
     from rl_system.strategies import PolicyCheckpointError
 
     cfg = _load(config_path, overrides)
     with _user_errors(SeedFileError, PolicyCheckpointError, OSError):
         check_inputs(cfg)  # bad seeds or checkpoint fail here, before Ray starts
-    _init_ray(address)
-    from serve.app import ensure_deployed
+    with _run_dir_held(cfg, "build-dataset"):
+        _init_ray(address)
+        from serve.app import ensure_deployed
 
-    with _user_errors(ConfigError):  # e.g. a GPU count no node has (rl_system.placement)
-        ensure_deployed(cfg)
-    with _user_errors(DatasetRunMismatch, PolicyCheckpointError):
-        manifest = build_dataset(cfg, log=click.echo)
+        with _user_errors(ConfigError):  # e.g. a GPU count no node has (rl_system.placement)
+            ensure_deployed(cfg)
+        with _user_errors(DatasetRunMismatch, PolicyCheckpointError, DatasetIncomplete):
+            manifest = build_dataset(cfg, log=click.echo)
     pairs = manifest["summary"]["pairs_written"]
     click.echo(f"dataset: {pairs} pairs in {cfg.stage_dir('dataset')}")
 
@@ -269,7 +288,9 @@ def evaluate_command(
     from train.report import StageOutputMissing, evaluate_and_report
 
     cfg = _load(config_path, overrides)
-    with _user_errors(StageOutputMissing, TaskNotFoundError, LmEvalError, ImportError):
+    with _run_dir_held(cfg, "evaluate"), _user_errors(
+        StageOutputMissing, TaskNotFoundError, LmEvalError, ImportError
+    ):
         evaluate_and_report(cfg, compare=compare, force=force, log=click.echo)
 
 
@@ -294,11 +315,12 @@ def sft_command(
     from train.data import SFTDataError
 
     cfg = _load(config_path, overrides)
-    _init_ray(address)
-    from train.sft import run_sft
+    with _run_dir_held(cfg, "sft"):
+        _init_ray(address)
+        from train.sft import run_sft
 
-    with _user_errors(SFTDataError, ConfigError):
-        final = run_sft(cfg, dataset_path=dataset_path)
+        with _user_errors(SFTDataError, ConfigError):
+            final = run_sft(cfg, dataset_path=dataset_path)
     click.echo(f"sft: Hugging Face model directory at {final}")
 
 
@@ -309,7 +331,7 @@ def pipeline_command(
     config_path: str | None, overrides: tuple[str, ...], address: str | None
 ) -> None:
     """All stages in order; finished stages are skipped, partial ones resumed."""
-    from rl_system.dataset import DatasetRunMismatch
+    from rl_system.dataset import DatasetIncomplete, DatasetRunMismatch
     from rl_system.pipeline import run_pipeline
     from rl_system.policy import InsufficientResources, PolicyRunMismatch, load_seed_instructions
     from rl_system.seeds import SeedFileError
@@ -320,19 +342,21 @@ def pipeline_command(
     cfg = _load(config_path, overrides)
     with _user_errors(SeedFileError, OSError):
         load_seed_instructions(cfg)  # bad or empty seeds fail here, before Ray starts
-    _init_ray(address)
-    with _user_errors(
-        PolicyRunMismatch,
-        InsufficientResources,
-        DatasetRunMismatch,
-        SFTDataError,
-        ConfigError,
-        StageOutputMissing,
-        TaskNotFoundError,
-        LmEvalError,
-        ImportError,
-    ):
-        run_pipeline(cfg, log=click.echo)
+    with _run_dir_held(cfg, "pipeline"):
+        _init_ray(address)
+        with _user_errors(
+            PolicyRunMismatch,
+            InsufficientResources,
+            DatasetRunMismatch,
+            DatasetIncomplete,
+            SFTDataError,
+            ConfigError,
+            StageOutputMissing,
+            TaskNotFoundError,
+            LmEvalError,
+            ImportError,
+        ):
+            run_pipeline(cfg, log=click.echo)
     click.echo(f"pipeline: done; report at {cfg.stage_dir('eval') / 'report.md'}")
 
 

@@ -247,6 +247,11 @@ class DatasetConfig(_Section):
         description="Expert temperature in stage 2; 0 = greedy, so a re-run asks the same "
         "requests (exact resume). None = models.expert.sampling.temperature.",
     )
+    max_failure_rate: float = Field(
+        0.5, ge=0, le=1,
+        description="Stop the build early once more than this share of the seeds failed "
+        "transiently (a role down or overloaded); the next run retries them.",
+    )
     concurrency: int = Field(2, ge=1, description="Ray Data actors per model-calling stage.")
     actor_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per Ray Data actor.")
 

@@ -49,11 +49,23 @@ from typing import Any
 from rl_system.actions import ACTIONS
 from rl_system.config import TeamsRLConfig
 from rl_system.reviewer import RULE_NAMES, Review
+from rl_system.rundir import (
+    COMPLETE,
+    INCOMPLETE,
+    RUNNING,
+    RunMismatch,
+    check_same_run,
+    read_manifest,
+    run_lock,
+    write_json,
+    write_manifest,
+)
 from rl_system.seeds import Seed, SeedSet, load_seeds
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+STAGE = "dataset"
 CACHE_DIR = "cache"
 DATA_DIR = "data"
 ROWS_PER_SHARD = 5000
@@ -61,8 +73,16 @@ ROLES = ("expert", "reviewer", "instructor")
 USAGE_KEYS = ("queries", "cached", "prompt_tokens", "completion_tokens", "failures")
 
 
-class DatasetRunMismatch(RuntimeError):
-    """The run directory holds a dataset built with a different config."""
+DatasetRunMismatch = RunMismatch  # the run directory holds a dataset of another config
+
+
+class DatasetIncomplete(RuntimeError):
+    """Seeds failed transiently (a role down, overloaded, timing out): the build is not
+    complete; the same command retries them. ``manifest`` is what was written."""
+
+    def __init__(self, message: str, manifest: dict):
+        super().__init__(message)
+        self.manifest = manifest
 
 
 class BudgetExhausted(RuntimeError):
@@ -167,7 +187,8 @@ class CachedRole:
             results[i] = BudgetExhausted(
                 f"dataset.max_expert_queries reached; run again to continue (role {self.role})"
             )
-        for i, answer in zip(paid, call(paid), strict=True):
+        # Nothing to pay for: the HTTP transport refuses an empty batch (no worker threads).
+        for i, answer in zip(paid, call(paid) if paid else [], strict=True):
             results[i] = answer
             if not isinstance(answer, BaseException):
                 self.cache.put(keys[i], encode(answer))
@@ -227,6 +248,7 @@ class EpisodeResult:
     candidates: list[dict] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
     incomplete: bool = False
+    failure: str | None = None  # "<role>: <message>" of the transient failure that stopped it
 
 
 def run_episode(
@@ -260,7 +282,10 @@ def run_episode(
             result.incomplete = True
             counts["evolutions_tried"] -= 1
             break
-        except LLMCallError:
+        except LLMCallError as exc:
+            if exc.transient:  # may succeed later: this seed is redone by the next run
+                result.incomplete, result.failure = True, str(exc)
+                break
             counts["evolutions_failed"] += 1
             spent_queries += 1
             continue
@@ -272,7 +297,10 @@ def run_episode(
             continue
         try:
             review = reviewer.review(instruction, text, history=history)
-        except LLMCallError:
+        except LLMCallError as exc:
+            if exc.transient:
+                result.incomplete, result.failure = True, str(exc)
+                break
             counts["reviews_failed"] += 1
             continue
         if review.eliminated:
@@ -363,7 +391,7 @@ class EvolveStage(_ModelStage):
                                   rng=seed_rng(self.cfg, seed.id))
             out.append({**row, "candidates": json.dumps(episode.candidates),
                         "counts": json.dumps(episode.counts), "incomplete": episode.incomplete,
-                        "usage": self._usage(roles, before)})
+                        "failure": episode.failure, "usage": self._usage(roles, before)})
         return pa.Table.from_pylist(out)
 
 
@@ -377,7 +405,7 @@ class RespondStage(_ModelStage):
         for row in batch.to_pylist():
             before = {"expert": self.expert.snapshot()}
             candidates, counts = json.loads(row["candidates"]), Counter(json.loads(row["counts"]))
-            incomplete = row["incomplete"]
+            incomplete, failure = row["incomplete"], row.get("failure")
             kept = []
             if candidates and not incomplete:
                 answers = self.expert.generate(
@@ -387,6 +415,9 @@ class RespondStage(_ModelStage):
                 for c, answer in zip(candidates, answers, strict=True):
                     if isinstance(answer, BudgetExhausted):
                         incomplete = True
+                        continue
+                    if isinstance(answer, LLMCallError) and answer.transient:
+                        incomplete, failure = True, failure or str(answer)
                         continue
                     c["expert_queries"] += 1
                     if isinstance(answer, LLMCallError) or not answer.text.strip():
@@ -400,7 +431,7 @@ class RespondStage(_ModelStage):
             usage["expert"] = {k: usage["expert"][k] + mine[k] for k in mine}
             out.append({**row, "candidates": json.dumps([] if incomplete else kept),
                         "counts": json.dumps(counts), "incomplete": incomplete,
-                        "usage": json.dumps(usage)})
+                        "failure": failure, "usage": json.dumps(usage)})
         return pa.Table.from_pylist(out)
 
 
@@ -477,15 +508,75 @@ def row_schema():
     ])
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)  # atomic: a crash leaves the old file
+_write_json = write_json
+_read_manifest = read_manifest
 
 
-def _read_manifest(out_dir: Path) -> dict | None:
-    path = out_dir / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
+@dataclass
+class SeedTally:
+    """Which seeds finished, and why the others did not (``budget``: the query budget cut
+    them short; ``failure``: a call failed transiently; ``stopped``: never reached because
+    the build stopped early). Pure bookkeeping over the stage rows, in arrival order."""
+
+    total: int
+    max_failure_rate: float
+    done: int = 0
+    incomplete: Counter = field(default_factory=Counter)
+    first_failure: str | None = None  # "<role>: <message>"
+
+    def add(self, row: dict) -> None:
+        self.done += 1
+        if not row.get("incomplete"):
+            return
+        failure = row.get("failure")
+        self.incomplete["failure" if failure else "budget"] += 1
+        if failure and self.first_failure is None:
+            self.first_failure = failure
+
+    @property
+    def too_many_failures(self) -> bool:
+        return self.incomplete["failure"] > self.max_failure_rate * self.total
+
+    def stop_early(self) -> None:
+        self.incomplete["stopped"] += self.total - self.done
+
+    @property
+    def seeds_incomplete(self) -> int:
+        return sum(self.incomplete.values())
+
+    def failure_record(self) -> dict[str, str] | None:
+        if self.first_failure is None:
+            return None
+        role, _, message = self.first_failure.partition(": ")
+        return {"role": role, "message": message} if message else {"role": "?",
+                                                                    "message": role}
+
+    def failure_message(self) -> str | None:
+        """What the command says when seeds failed; None when none did."""
+        if not self.incomplete["failure"]:
+            return None
+        f = self.failure_record()
+        stopped = (f"; stopped early: more than dataset.max_failure_rate="
+                   f"{self.max_failure_rate:g} of the seeds failed" if self.incomplete["stopped"]
+                   else "")
+        return (f"dataset incomplete: {self.incomplete['failure']} of {self.total} seeds "
+                f"failed, the {f['role']} role said: {f['message']}{stopped}. Bring the "
+                f"{f['role']} role back and run the same command again: only unfinished "
+                "seeds are asked again (cached answers are replayed, not paid)")
+
+
+def empty_reason(summary: dict) -> str:
+    """Why a build wrote no pairs (an empty build writes no parquet shard)."""
+    if summary["seeds_incomplete"]:
+        return (f"all {summary['seeds_incomplete']} unfinished seeds are left for the next run "
+                "(budget or failed calls)")
+    if not summary["evolutions_tried"]:
+        return "no evolution was tried (every chosen action was stop)"
+    return ("every evolution failed, was eliminated or lost its response "
+            f"(failed {summary['evolutions_failed']}, reviews failed "
+            f"{summary['reviews_failed']}, eliminated {sum(summary['eliminated'].values())}, "
+            f"responses failed {summary['responses_failed']}, duplicates "
+            f"{summary['duplicates_exact'] + summary['duplicates_near']})")
 
 
 def _secrets(cfg: TeamsRLConfig) -> dict[str, _Secret]:
@@ -541,8 +632,8 @@ def dataset_is_done(cfg: TeamsRLConfig) -> bool:
     """
     from rl_system.strategies import STRATEGIES, PolicyCheckpointError, resolve_policy_checkpoint
 
-    manifest = _read_manifest(cfg.stage_dir("dataset").resolve())
-    if not manifest or manifest.get("status") != "complete":
+    manifest = read_manifest(cfg.stage_dir("dataset").resolve())
+    if not manifest or manifest.get("status") != COMPLETE:
         return False
     checkpoint = None
     if STRATEGIES[cfg.dataset.strategy].needs_policy:
@@ -550,7 +641,7 @@ def dataset_is_done(cfg: TeamsRLConfig) -> bool:
             checkpoint = str(resolve_policy_checkpoint(cfg))
         except PolicyCheckpointError:
             return False
-    return manifest.get("config_hash") == config_hash(cfg, checkpoint)
+    return manifest.get("fingerprint") == config_hash(cfg, checkpoint)
 
 
 def _empty_usage() -> dict[str, dict[str, int]]:
@@ -560,8 +651,16 @@ def _empty_usage() -> dict[str, dict[str, int]]:
 def build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None] = logger.info) -> dict:
     """Run (or resume) stage 2; Ray and the role applications must be up.
 
-    Returns the manifest (also written to ``runs/<name>/dataset/manifest.json``).
+    Returns the manifest (also written to ``runs/<name>/dataset/manifest.json``); its status
+    is ``incomplete`` while any seed is unfinished. Raises ``DatasetIncomplete`` (naming the
+    role and its error) when seeds failed transiently, after writing what was finished, and
+    ``RunMismatch`` when the directory holds a dataset of another config.
     """
+    with run_lock(cfg.run_dir, what="teams-rl build-dataset"):
+        return _build_dataset(cfg, log=log)
+
+
+def _build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> dict:
     import ray
 
     started = time.monotonic()
@@ -570,18 +669,13 @@ def build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None] = logger.inf
     out_dir = cfg.stage_dir("dataset").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     digest = config_hash(cfg, checkpoint)
-    previous = _read_manifest(out_dir)
-    if previous and previous.get("config_hash") != digest:
-        raise DatasetRunMismatch(
-            f"{out_dir} holds a dataset built with a different config (hash "
-            f"{previous.get('config_hash')}, now {digest}); set run.name to a new name "
-            "(or delete that directory) to build a new dataset"
-        )
-    if previous and previous.get("status") == "complete":
+    inputs = {"policy_checkpoint": checkpoint}
+    previous = check_same_run(out_dir, digest, what="a dataset")
+    if previous and previous.get("status") == COMPLETE:
         log(f"dataset: already complete in {out_dir}")
         return previous
-    _write_json(out_dir / MANIFEST, {"config_hash": digest, "status": "running",
-                                     "strategy": strategy})
+    write_manifest(out_dir, stage=STAGE, fingerprint=digest, status=RUNNING, inputs=inputs,
+                   strategy=strategy)
 
     budget = (_make_budget(cfg.dataset.max_expert_queries)
               if cfg.dataset.max_expert_queries else None)
@@ -602,15 +696,23 @@ def build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None] = logger.inf
     counts: Counter = Counter()
     usage = _empty_usage()
     results = []
+    tally = SeedTally(total=len(seeds), max_failure_rate=cfg.dataset.max_failure_rate)
     metrics = _metrics()
-    for row in ds.iter_rows():
+    rows_iter = ds.iter_rows()
+    for row in rows_iter:
         results.append(row)
+        tally.add(row)
         seed_counts = json.loads(row["counts"])
         counts.update(seed_counts)
         for role, u in json.loads(row["usage"]).items():
             for k, v in u.items():
                 usage[role][k] += v
         _record_metrics(metrics, strategy, seed_counts, json.loads(row["usage"]))
+        if tally.too_many_failures and tally.done < tally.total:
+            # The role is down or overloaded: the remaining seeds would fail the same way.
+            tally.stop_early()
+            break
+    del rows_iter, ds  # stops the stage actors when the build stopped early
     results.sort(key=lambda r: r["seed_index"])
     if budget is not None:
         ray.kill(budget)
@@ -636,7 +738,6 @@ def build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None] = logger.inf
     encoder = TextEncoder(cfg.models.encoder)
     kept, exact, near = dedupe(rows, threshold=cfg.dataset.dedupe_threshold,
                                encode=encoder.encode)
-    incomplete = sum(1 for r in results if r["incomplete"])
     files = _write_outputs(out_dir, kept, by_seed)
     if metrics is not None and kept:
         metrics.pairs.inc(len(kept), tags={"strategy": strategy})
@@ -644,7 +745,11 @@ def build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None] = logger.inf
     expert = usage["expert"]
     summary = {
         "seeds_read": len(seeds), "seeds_skipped_bad": seeds.skipped_bad,
-        "seeds_skipped_empty": seeds.skipped_empty, "seeds_incomplete": incomplete,
+        "seeds_skipped_empty": seeds.skipped_empty,
+        "seeds_incomplete": tally.seeds_incomplete,
+        "seeds_incomplete_by_cause": {c: tally.incomplete[c]
+                                      for c in ("budget", "failure", "stopped")},
+        "first_failure": tally.failure_record(),
         "evolutions_tried": counts["evolutions_tried"],
         "evolutions_failed": counts["evolutions_failed"],
         "reviews_failed": counts["reviews_failed"],
@@ -653,24 +758,31 @@ def build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None] = logger.inf
         "responses_failed": counts["responses_failed"],
         "duplicates_exact": exact, "duplicates_near": near, "pairs_written": len(kept),
     }
+    if not kept:
+        summary["empty_reason"] = empty_reason(summary)
     logical = expert["queries"] + expert["cached"]
-    manifest = {
-        "config_hash": digest,
-        "status": "incomplete" if incomplete else "complete",
-        "strategy": strategy, "policy_checkpoint": checkpoint,
-        "seeds": str(seeds.path), "expert_model": cfg.models.expert.model,
-        "summary": summary,
-        "queries": {strategy: usage},
-        "expert_queries": expert["queries"], "expert_queries_cached": expert["cached"],
-        "expert_queries_per_pair": (logical / len(kept)) if kept else None,
-        "elapsed_s": round(time.monotonic() - started, 2),
-        "files": files,
-    }
-    _write_json(out_dir / MANIFEST, manifest)
+    manifest = write_manifest(
+        out_dir, stage=STAGE, fingerprint=digest,
+        status=INCOMPLETE if tally.seeds_incomplete else COMPLETE, inputs=inputs,
+        strategy=strategy, policy_checkpoint=checkpoint,
+        seeds=str(seeds.path), expert_model=cfg.models.expert.model,
+        summary=summary,
+        queries={strategy: usage},
+        expert_queries=expert["queries"], expert_queries_cached=expert["cached"],
+        expert_queries_per_pair=(logical / len(kept)) if kept else None,
+        elapsed_s=round(time.monotonic() - started, 2),
+        files=files,
+    )
     log(format_summary(manifest))
-    if incomplete:
+    if not kept:
+        log(f"dataset: no pairs written, so no parquet shard: {summary['empty_reason']}")
+    failure = tally.failure_message()
+    if failure:
+        raise DatasetIncomplete(failure, manifest)
+    if tally.incomplete["budget"]:
         log(f"dataset: budget dataset.max_expert_queries={cfg.dataset.max_expert_queries} "
-            f"reached; {incomplete} seeds left for the next run (same command resumes)")
+            f"reached; {tally.incomplete['budget']} seeds left for the next run (same command "
+            "resumes)")
     return manifest
 
 
@@ -683,7 +795,8 @@ def _write_outputs(out_dir: Path, rows: list[dict], seeds: dict[str, Seed]) -> d
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     shards = []
-    for n, start in enumerate(range(0, max(len(rows), 1), ROWS_PER_SHARD)):
+    # An empty build writes no shard: a 0-row parquet file is refused by datasets.load_dataset.
+    for n, start in enumerate(range(0, len(rows), ROWS_PER_SHARD)):
         table = pa.Table.from_pylist(rows[start:start + ROWS_PER_SHARD], schema=row_schema())
         name = f"part-{n:05d}.parquet"
         pq.write_table(table, staging / name)
@@ -743,6 +856,8 @@ def format_summary(manifest: dict) -> str:
              f"  {'seeds read':<44}{s['seeds_read']:>8}",
              f"  {'seeds skipped (malformed / empty)':<44}"
              f"{s['seeds_skipped_bad']:>4} /{s['seeds_skipped_empty']:>2}",
+             f"  {'seeds unfinished (budget / failed / stopped)':<44}"
+             + " /".join(f"{n:>4}" for n in s.get("seeds_incomplete_by_cause", {}).values()),
              f"  {'evolutions tried':<44}{s['evolutions_tried']:>8}",
              f"  {'evolutions failed (model error)':<44}{s['evolutions_failed']:>8}"]
     lines += [f"  {'eliminated: ' + rule:<44}{n:>8}" for rule, n in s["eliminated"].items()]

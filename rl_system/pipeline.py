@@ -3,25 +3,27 @@
     teams-rl pipeline --config configs/demo.yaml
     ray job submit --working-dir . -- teams-rl pipeline --config configs/gpu-cluster.yaml
 
-Each stage is skipped when its outputs for the same config exist and resumed when they
-are partial (the stages own that logic; this module only orders them). The role
-applications are deployed only when a pending stage needs a model, and the ones this run
-started are released once no stage left needs them. The resolved config goes to
-``runs/<name>/config.yaml``; per-stage wall times and whether this run started the roles
-go to ``pipeline.json``.
+Each stage is skipped when its manifest (``rl_system.rundir``) is complete with the
+fingerprint this config gives it, a fingerprint that covers its inputs' (eval <- SFT final
+<- dataset <- policy checkpoint), so a changed stage makes every later one stale; partial
+stages are resumed (the stages own that logic; this module only orders them). One run at a
+time holds the run directory's lock. The role applications are deployed only when a
+pending stage needs a model; this run takes a lease on them and releases it once no stage
+left needs them, and they are deleted only when no other run holds a lease (two runs on
+one cluster share them safely). The resolved config goes to ``runs/<name>/config.yaml``;
+per-stage wall times go to ``pipeline.json``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rl_system.config import TeamsRLConfig, save_resolved
+from rl_system.rundir import read_json, run_lock, write_json
 
 logger = logging.getLogger(__name__)
 Log = Callable[[str], None]
@@ -95,8 +97,11 @@ STAGES: tuple[Stage, ...] = (
 
 def run_pipeline(cfg: TeamsRLConfig, *, log: Log = logger.info) -> dict:
     """Run every pending stage in order; Ray must be initialised. Returns the timings."""
-    run_dir = cfg.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(cfg.run_dir, what="teams-rl pipeline") as run_dir:
+        return _run_pipeline(cfg, run_dir, log=log)
+
+
+def _run_pipeline(cfg: TeamsRLConfig, run_dir: Path, *, log: Log) -> dict:
     save_resolved(cfg, run_dir / "config.yaml")
     pending = [s for s in STAGES if not s.is_done(cfg)]
     done = [s.name for s in STAGES if s not in pending]
@@ -110,33 +115,26 @@ def run_pipeline(cfg: TeamsRLConfig, *, log: Log = logger.info) -> dict:
 
     # Before any stage: a GPU request the cluster can never hold would hang stage N later.
     check_gpu_demands(cfg, stages=[s.name for s in pending] + (["serve"] if needs_models else []))
-    # Role apps this run started (also in an earlier, interrupted attempt) are released once
-    # no stage needs them; a running `teams-rl serve` of someone else's is reused and kept.
-    deployed_here = False
+    # The lease is keyed by the run directory (one run holds it at a time): a re-run after
+    # an interruption takes the same lease again and releases it.
+    holder = str(run_dir)
+    leased = False
     if needs_models:
         from serve.app import ensure_deployed, is_deployed
 
-        running = is_deployed(cfg)
-        deployed_here = not running or _read_state(run_dir).get("roles_deployed_by_run", False)
-        log("pipeline: reusing the running model roles" if running
+        log("pipeline: reusing the running model roles" if is_deployed(cfg)
             else "pipeline: deploying the model roles ...")
-        ensure_deployed(cfg)
-        if deployed_here:
-            _write_state(run_dir, roles_deployed_by_run=True)
+        ensure_deployed(cfg, holder=holder)
+        leased = True
     from rl_system.metrics import maybe_pipeline_metrics
 
     metrics = maybe_pipeline_metrics()
     timings = _read_state(run_dir).get("stage_wall_s", {})
     for i, stage in enumerate(pending):
-        if deployed_here and not any(s.needs_models for s in pending[i:]):
+        if leased and not any(s.needs_models for s in pending[i:]):
             # SFT and evaluation need the CPUs, GPUs and memory the idle replicas hold; on a
             # fixed-size GPU cluster SFT would otherwise wait for them forever.
-            from serve.app import undeploy
-
-            log("pipeline: no stage left needs the model roles; releasing their replicas")
-            undeploy(cfg)
-            _write_state(run_dir, roles_deployed_by_run=False)
-            deployed_here = False
+            leased = _release(cfg, holder, log)
         tags = {"run": cfg.run.name, "stage": stage.name}
         log(f"pipeline: stage {stage.name} started")
         if metrics:
@@ -149,18 +147,28 @@ def run_pipeline(cfg: TeamsRLConfig, *, log: Log = logger.info) -> dict:
             metrics.stage_running.set(0, tags=tags)
             metrics.stage_wall_s.set(timings[stage.name], tags=tags)
         log(f"pipeline: stage {stage.name} finished in {timings[stage.name]:.0f} s")
+    if leased:
+        leased = _release(cfg, holder, log)
     log("pipeline: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     return timings
 
 
+def _release(cfg: TeamsRLConfig, holder: str, log: Log) -> bool:
+    """Give back this run's lease on the roles; returns the new ``leased`` (False)."""
+    from serve.app import undeploy
+
+    deleted = undeploy(cfg, holder=holder)
+    log("pipeline: no stage left needs the model roles; "
+        + ("released their replicas" if deleted
+           else "released this run's lease (another run or `teams-rl serve` keeps them)"))
+    return False
+
+
 def _read_state(run_dir: Path) -> dict:
-    """``pipeline.json``: ``stage_wall_s`` per stage, ``roles_deployed_by_run``."""
-    path = run_dir / "pipeline.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    """``pipeline.json``: ``stage_wall_s`` per stage."""
+    state = read_json(run_dir / "pipeline.json")
+    return state if isinstance(state, dict) else {}
 
 
 def _write_state(run_dir: Path, **updates) -> None:
-    state = {**_read_state(run_dir), **updates}
-    tmp = run_dir / "pipeline.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, run_dir / "pipeline.json")
+    write_json(run_dir / "pipeline.json", {**_read_state(run_dir), **updates})

@@ -2,19 +2,20 @@
 
     teams-rl train-policy --config configs/demo.yaml
 
-Writes under ``runs/<name>/policy/``: RLlib checkpoints (``checkpoints/iter_NNNN``), a
-``state.json`` naming the latest one, and ``metrics.jsonl`` with one line per iteration
-(return, info_gain, elimination rate, queries). Re-running continues from the latest
-checkpoint up to ``policy.iterations``; a changed policy or model config is refused
-rather than mixed into the old run.
+Writes under ``runs/<name>/policy/``: RLlib checkpoints (``checkpoints/iter_NNNN``), the
+stage manifest ``manifest.json`` (``rl_system.rundir``: fingerprint, status, iterations done,
+the latest checkpoint) and ``metrics.jsonl`` with one line per iteration (return, info_gain,
+elimination rate, queries). Re-running continues from the latest checkpoint up to
+``policy.iterations`` (a checkpoint that fails to load falls back to the one before, with a
+warning); a changed policy or model config is refused rather than mixed into the old run.
+Operational keys (iterations, env-runner counts, timeouts, retries, rate limits) are not
+part of the fingerprint: changing them continues the same run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,31 +24,48 @@ from typing import Any
 
 from rl_system.actions import ACTION_NAMES
 from rl_system.config import TeamsRLConfig
+from rl_system.rundir import (
+    COMPLETE,
+    INCOMPLETE,
+    MANIFEST,
+    RunMismatch,
+    append_jsonl,
+    fingerprint,
+    read_manifest,
+    run_lock,
+    write_manifest,
+)
 from rl_system.seeds import load_seeds
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
+STATE_FILE = MANIFEST  # the stage manifest is stage 1's state
+STAGE = "policy"
 METRICS_FILE = "metrics.jsonl"
 ENV_RUNNER_CPUS = 0.5  # env runners mostly wait on model calls
 
 
-class PolicyRunMismatch(RuntimeError):
-    """The run directory holds a policy trained with a different config."""
+PolicyRunMismatch = RunMismatch  # the run directory holds a policy of another config
 
 
 class InsufficientResources(RuntimeError):
     """The cluster cannot place what the config asks for."""
 
 
+# What decides the policy; everything else is operational (how fast or how robustly it
+# runs: iterations may grow, env runners, timeouts, retries, rate limits, endpoints).
+ROLE_LINEAGE_KEYS = ("model", "sampling", "score_mode", "script")
+POLICY_OPERATIONAL_KEYS = ("iterations", "num_env_runners", "num_envs_per_env_runner",
+                           "sample_timeout_s")
+
+
 def _lineage_hash(cfg: TeamsRLConfig) -> str:
     data = cfg.to_portable_dict()
-    lineage = {"models": data["models"], "policy": data["policy"]}
-    lineage["policy"].pop("iterations")  # may grow between runs of the same experiment
-    for role in ("instructor", "reviewer", "expert"):
-        lineage["models"][role].pop("timeout_s")  # operational, not part of the experiment
-    blob = json.dumps(lineage, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    models = {role: {k: data["models"][role][k] for k in ROLE_LINEAGE_KEYS}
+              for role in ("instructor", "reviewer", "expert")}
+    policy = {k: v for k, v in data["policy"].items() if k not in POLICY_OPERATIONAL_KEYS}
+    return fingerprint({"models": models, "encoder": data["models"]["encoder"],
+                        "policy": policy})
 
 
 def load_seed_instructions(cfg: TeamsRLConfig) -> list[str]:
@@ -210,14 +228,53 @@ def _policy_gauges():
 
 
 def _read_state(policy_dir: Path) -> dict | None:
-    path = policy_dir / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_manifest(policy_dir)
 
 
-def _write_state(policy_dir: Path, state: dict) -> None:
-    tmp = policy_dir / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, policy_dir / STATE_FILE)  # atomic: a crash leaves the old state
+def _write_state(policy_dir: Path, cfg: TeamsRLConfig, *, lineage: str, iterations_done: int,
+                 checkpoint: str | None) -> dict:
+    return write_manifest(
+        policy_dir, stage=STAGE, fingerprint=lineage,
+        status=COMPLETE if iterations_done >= cfg.policy.iterations else INCOMPLETE,
+        iterations_done=iterations_done, checkpoint=checkpoint,
+        algorithm=cfg.policy.algorithm,
+    )
+
+
+_ITER = re.compile(r"iter_(\d+)$")
+
+
+def checkpoint_candidates(policy_dir: Path, newest: str | None) -> list[Path]:
+    """Checkpoints to resume from, best first: the manifest's, then older ``iter_NNNN``."""
+    root = policy_dir / "checkpoints"
+    found = sorted((p for p in root.glob("iter_*") if _ITER.search(p.name)),
+                   key=lambda p: int(_ITER.search(p.name).group(1)), reverse=True)
+    if newest is None:
+        return []
+    limit = _iteration_of(Path(newest))
+    return [Path(newest)] + [p for p in found
+                             if _iteration_of(p) < limit and p != Path(newest)]
+
+
+def _iteration_of(path: Path) -> int:
+    m = _ITER.search(path.name)
+    return int(m.group(1)) if m else 0
+
+
+def restore_newest_loadable(algo, candidates: list[Path], *, log: Callable[[str], None]
+                            ) -> Path | None:
+    """Restore ``algo`` from the first candidate that loads; a corrupt one (a kill while
+    it was written, a full disk) is skipped with a warning. None: start from scratch."""
+    for path in candidates:
+        try:
+            algo.restore_from_path(str(path))
+            return path
+        except Exception as exc:  # noqa: BLE001 - any load failure means: try the previous
+            logger.warning("policy checkpoint %s does not load (%s); trying the one before",
+                           path, exc)
+            log(f"policy: WARNING checkpoint {path} does not load ({type(exc).__name__}); "
+                "falling back to the previous one")
+    return None
 
 
 def check_resources(cfg: TeamsRLConfig) -> None:
@@ -241,7 +298,7 @@ def policy_is_done(cfg: TeamsRLConfig) -> bool:
     state = _read_state(cfg.stage_dir("policy").resolve())
     return bool(
         state
-        and state.get("lineage") == _lineage_hash(cfg)
+        and state.get("fingerprint") == _lineage_hash(cfg)
         and state.get("iterations_done", 0) >= cfg.policy.iterations
     )
 
@@ -256,12 +313,17 @@ def train_policy(
 ) -> list[IterationSummary]:
     """Train (or continue) the policy up to ``policy.iterations``; Ray and the role
     applications must be up. Returns the summaries of the iterations run now."""
+    with run_lock(cfg.run_dir, what="teams-rl train-policy"):
+        return _train_policy(cfg, log=log)
+
+
+def _train_policy(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> list[IterationSummary]:
     seeds = load_seed_instructions(cfg)
     policy_dir = cfg.stage_dir("policy").resolve()
     policy_dir.mkdir(parents=True, exist_ok=True)
     lineage = _lineage_hash(cfg)
     state = _read_state(policy_dir) or {"iterations_done": 0, "checkpoint": None}
-    if state.get("lineage") not in (None, lineage):
+    if state.get("fingerprint") not in (None, lineage):
         raise PolicyRunMismatch(
             f"{policy_dir} holds a policy trained with a different models/policy config; "
             "set run.name to a new name (or delete that directory) to start over"
@@ -274,8 +336,15 @@ def train_policy(
     algo = algorithm_config(cfg, seeds).build_algo()
     try:
         if state["checkpoint"]:
-            algo.restore_from_path(state["checkpoint"])
-            log(f"policy: resumed from {state['checkpoint']}")
+            restored = restore_newest_loadable(
+                algo, checkpoint_candidates(policy_dir, state["checkpoint"]), log=log)
+            done = _iteration_of(restored) if restored else 0
+            if restored is None:
+                log("policy: WARNING no checkpoint loads; starting from scratch")
+            else:
+                log(f"policy: resumed from {restored}")
+            state = {**state, "iterations_done": done,
+                     "checkpoint": str(restored) if restored else None}
         gauges = _policy_gauges()
         summaries = []
         for iteration in range(state["iterations_done"] + 1, cfg.policy.iterations + 1):
@@ -284,15 +353,11 @@ def train_policy(
             summary = IterationSummary.from_result(iteration, result, time.monotonic() - started)
             checkpoint = policy_dir / "checkpoints" / f"iter_{iteration:04d}"
             algo.save_to_path(str(checkpoint))
-            with open(policy_dir / METRICS_FILE, "a") as f:
-                f.write(json.dumps(summary.__dict__) + "\n")
-            state = {
-                "iterations_done": iteration,
-                "checkpoint": str(checkpoint),
-                "lineage": lineage,
-                "algorithm": cfg.policy.algorithm,
-            }
-            _write_state(policy_dir, state)
+            # State first: a kill between the two loses one metrics line, never repeats an
+            # iteration on top of a checkpoint the state does not name.
+            _write_state(policy_dir, cfg, lineage=lineage, iterations_done=iteration,
+                         checkpoint=str(checkpoint))
+            append_jsonl(policy_dir / METRICS_FILE, summary.__dict__)
             for key, gauge in gauges.items():
                 value = getattr(summary, key)
                 if value is not None:

@@ -13,6 +13,8 @@ The same builder serves ``serve run`` / ``serve deploy``::
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from rl_system.config import ROLES, ConfigError, TeamsRLConfig, load_config
@@ -182,19 +184,40 @@ def check_key(cfg: TeamsRLConfig) -> bool:
 
 
 def is_deployed(cfg: TeamsRLConfig) -> bool:
-    """Whether the role application already runs on the connected cluster."""
+    """Whether the role application already runs on the connected cluster, built from this
+    config's roles; one built from other roles under the same name raises ``ConfigError``."""
     from ray import serve
 
     try:
         app = serve.status().applications.get(cfg.serve.app_name)
     except Exception:  # noqa: BLE001 - Serve not started yet
         return False
-    return app is not None and app.status == "RUNNING"
+    if app is None or app.status != "RUNNING":
+        return False
+    built_from = _leases().built_from(cfg.serve.app_name)
+    if built_from not in (None, role_fingerprint(cfg)):
+        raise ConfigError(
+            f"serve.app_name={cfg.serve.app_name!r} already runs on this cluster with other "
+            "role models or serving settings (another run's); set serve.app_name to a name "
+            "of its own for this run, or use the same models.* and serve.* settings"
+        )
+    return True
 
 
-def ensure_deployed(cfg: TeamsRLConfig) -> str:
-    """Deploy the roles unless they already run (a stage reuses a running ``teams-rl serve``)."""
-    return cfg.serve.base_url if is_deployed(cfg) else deploy(cfg)
+def ensure_deployed(cfg: TeamsRLConfig, *, holder: str | None = None) -> str:
+    """Deploy the roles unless they already run (a stage reuses a running ``teams-rl serve``).
+
+    ``holder`` (a run directory) takes a lease on the application: ``undeploy`` with the
+    same holder deletes it only once no other run holds a lease, so one run never tears
+    down the roles another run is using.
+    """
+    running = is_deployed(cfg)
+    if not running:
+        deploy(cfg)
+    if holder is not None or not running:
+        _leases().acquire(cfg.serve.app_name, role_fingerprint(cfg), holder,
+                          started=not running)
+    return cfg.serve.base_url
 
 
 def deploy(cfg: TeamsRLConfig) -> str:
@@ -220,11 +243,73 @@ def deploy(cfg: TeamsRLConfig) -> str:
 
 
 
-def undeploy(cfg: TeamsRLConfig) -> None:
-    """Delete the role applications (their replicas' CPUs, GPUs and memory are freed)."""
+def undeploy(cfg: TeamsRLConfig, *, holder: str | None = None) -> bool:
+    """Release ``holder``'s lease; delete the role applications (freeing their CPUs, GPUs
+    and memory) once no run holds one and a run of ours started them. Returns whether
+    they were deleted."""
     from ray import serve
 
+    if not _leases().release(cfg.serve.app_name, holder):
+        return False
     deployed = serve.status().applications
     for name in (cfg.serve.app_name, f"{cfg.serve.app_name}-vllm"):
         if name in deployed:
             serve.delete(name)
+    return True
+
+
+def role_fingerprint(cfg: TeamsRLConfig) -> str:
+    """What the role applications are built from (not how clients reach them)."""
+    data = cfg.to_portable_dict()
+    roles = {r: {k: data["models"][r][k] for k in ("backend", "model", "script", "engine_kwargs",
+                                                   "accelerator_type")} for r in ROLES}
+    serving = {k: v for k, v in data["serve"].items()
+               if k not in ("host", "port", "api_key", "api_key_file", "app_name")}
+    blob = json.dumps({"roles": roles, "serve": serving}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+LEASES_ACTOR = "teams-rl-role-leases"
+LEASES_NAMESPACE = "teams-rl"
+
+
+def _leases():
+    """The cluster-wide lease table (a small detached actor, created on first use)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class RoleLeases:
+        """app name -> {"fingerprint", "started" (by a run of ours), "holders"}."""
+
+        def __init__(self):
+            self.apps: dict[str, dict] = {}
+
+        def built_from(self, app: str) -> str | None:
+            return self.apps.get(app, {}).get("fingerprint")
+
+        def acquire(self, app: str, fp: str, holder: str | None, started: bool) -> None:
+            entry = self.apps.setdefault(app, {"fingerprint": None, "started": False,
+                                               "holders": set()})
+            if started:  # only an app we deployed is known to be built from ``fp``
+                entry["fingerprint"], entry["started"] = fp, True
+            if holder is not None:
+                entry["holders"].add(holder)
+
+        def release(self, app: str, holder: str | None) -> bool:
+            entry = self.apps.get(app)
+            if entry is None:
+                return False
+            entry["holders"].discard(holder)
+            if entry["holders"]:
+                return False
+            del self.apps[app]
+            return entry["started"]  # someone else's `teams-rl serve` is never deleted
+
+    actor = RoleLeases.options(name=LEASES_ACTOR, namespace=LEASES_NAMESPACE,
+                               lifetime="detached", get_if_exists=True).remote()
+
+    class _Sync:  # plain calls: every lease operation is one short round trip
+        def __getattr__(self, method):
+            return lambda *a, **kw: ray.get(getattr(actor, method).remote(*a, **kw))
+
+    return _Sync()

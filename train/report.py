@@ -25,6 +25,7 @@ Outputs in ``out_dir``: ``report.json``, ``report.md`` and the PNGs.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,13 +81,37 @@ def require(run_dir: Path, stage: str) -> Path:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Records of a JSONL file; a torn last line (crash while appending) is skipped."""
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+    from rl_system.rundir import read_jsonl as read
+
+    return read(path)
+
+
+# Which eval keys decide each output; the rest (num_gpus, batch_size, timeout_s, offline,
+# compare) change how it runs, not what it measures.
+LM_EVAL_KEYS = ("tasks", "num_fewshot", "limit", "include_paths", "model_backend", "device")
+
+
+def _mia_keys(cfg: EvalConfig) -> tuple[str, ...]:
+    return (*(k for k in type(cfg).model_fields if k.startswith("mia_")), "device")
+
+
+def trained_model_fingerprint(run_dir: Path) -> str | None:
+    """The SFT fingerprint that ``run_dir/sft/final`` was trained with (its marker)."""
+    from rl_system.rundir import read_json
+    from train.sft import FINAL_MARKER
+
+    marker = read_json(run_dir / "sft" / "final" / FINAL_MARKER)
+    return marker.get("plan_key") if isinstance(marker, dict) else None
+
+
+def part_fingerprints(run_dir: Path, cfg: EvalConfig) -> dict[str, str]:
+    """Per evaluation output of one run: its config keys + the model it scored."""
+    from rl_system.rundir import fingerprint
+
+    data = cfg.model_dump(mode="json")
+    model = {"sft": trained_model_fingerprint(run_dir)}
+    return {LM_EVAL_FILE: fingerprint({k: data[k] for k in LM_EVAL_KEYS}, model),
+            MIA_FILE: fingerprint({k: data[k] for k in _mia_keys(cfg)}, model)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,39 +153,70 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """lm-eval and membership inference on ``run_dir/sft/final``; outputs in ``eval/``.
 
-    Parts whose output exists are kept unless ``force``. MIA members are a sample of the
+    An output is kept (unless ``force``) when it parses and carries the fingerprint of its
+    config keys and of the model it scored (the SFT marker's): a re-trained model or a
+    changed key redoes it. With ``eval.num_gpus`` > 0 both parts run in one Ray task holding
+    the GPU, lm-eval in its own child process inside it. MIA members are a sample of the
     records SFT trained on (the run's dataset minus SFT's held-out split); non-members are
     ``eval.mia_non_members`` when set, else that held-out split (``sft/heldout.parquet``,
     written when ``sft.eval_fraction`` > 0). With neither, ``mia.json`` says why it was
     skipped.
     Returns ``{"lm_eval": ..., "mia": ..., "timings_s": {...}}``.
     """
-    from train.evaluate import run_lm_eval
+    from rl_system.rundir import read_json, write_json
 
     model_dir = require(run_dir, "sft").parent
-    dataset_dir = require(run_dir, "dataset")
+    require(run_dir, "dataset")
     eval_dir = run_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
+    wanted = part_fingerprints(run_dir, cfg)
+    outputs = {name: read_json(eval_dir / name) for name in wanted}
+    # An output is reused only if it parses and was made from this model with these keys.
+    pending = [name for name, fp in wanted.items() if force or not isinstance(
+        outputs[name], dict) or outputs[name].get("fingerprint") != fp]
     timings: dict[str, float] = {}
+    if pending:
+        log(f"evaluate {run_dir.name}: {', '.join(pending)} on {model_dir}"
+            + (f" (a Ray task holding {cfg.num_gpus:g} GPU)" if cfg.num_gpus > 0 else ""))
+        args = (str(run_dir.resolve()), cfg.model_dump(mode="json"), pending)
+        if cfg.num_gpus > 0:
+            import ray
 
-    lm_path = eval_dir / LM_EVAL_FILE
-    if force or not lm_path.exists():
-        log(f"evaluate {run_dir.name}: lm-eval {', '.join(cfg.tasks)} on {model_dir}")
+            # One task owns the GPU for both lm-eval (its own child process inside the task)
+            # and membership inference: the driver never loads the model.
+            task = ray.remote(num_gpus=cfg.num_gpus, num_cpus=1)(_evaluate_parts)
+            produced = ray.get(task.remote(*args))
+        else:
+            produced = _evaluate_parts(*args, log=log)
+        for name, result in produced.items():
+            result["fingerprint"] = wanted[name]
+            write_json(eval_dir / name, result)
+            outputs[name] = result
+            timings[name.removesuffix(".json")] = result.get("elapsed_s")
+    return {"lm_eval": outputs[LM_EVAL_FILE], "mia": outputs[MIA_FILE], "timings_s": timings}
+
+
+def _evaluate_parts(run_dir: str, cfg_data: dict[str, Any], parts: list[str], *,
+                    log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """lm-eval and/or MIA on ``run_dir``'s SFT model; in the driver or in one GPU task."""
+    from train.evaluate import run_lm_eval
+
+    run = Path(run_dir)
+    # Inside the GPU task already: lm-eval must not ask for another GPU task.
+    cfg = EvalConfig.model_validate({**cfg_data, "num_gpus": 0})
+    model_dir = run / "sft" / "final"
+    out: dict[str, dict[str, Any]] = {}
+    if LM_EVAL_FILE in parts:
+        log(f"evaluate {run.name}: lm-eval {', '.join(cfg.tasks)} on {model_dir}")
+        out[LM_EVAL_FILE] = run_lm_eval(model_dir, cfg)
+    if MIA_FILE in parts:
         started = time.monotonic()
-        run_lm_eval(model_dir, cfg, out_path=lm_path)
-        timings["lm_eval"] = round(time.monotonic() - started, 2)
-    mia_path = eval_dir / MIA_FILE
-    if force or not mia_path.exists():
-        started = time.monotonic()
-        mia = _membership_inference(run_dir, model_dir, dataset_dir, cfg, log=log)
+        mia = _membership_inference(run, model_dir, run / "dataset", cfg, log=log)
         mia["elapsed_s"] = round(time.monotonic() - started, 2)
-        mia_path.write_text(json.dumps(mia, indent=2))
-        timings["mia"] = mia["elapsed_s"]
-    return {
-        "lm_eval": json.loads(lm_path.read_text()),
-        "mia": json.loads(mia_path.read_text()),
-        "timings_s": timings,
-    }
+        out[MIA_FILE] = mia
+    for result in out.values():
+        result["evaluated_by_pid"] = os.getpid()  # provenance: driver or the GPU task
+    return out
 
 
 def _record_key(record: dict[str, Any]) -> Any:
@@ -487,8 +543,12 @@ def build_report(
                                "mia": privacy[n].get("elapsed_s")} for n in names},
         "timings_s": {**timings, "total": round(time.monotonic() - started, 3)},
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out_dir / "report.md").write_text(render_markdown(report))
+    from rl_system.rundir import write_json
+
+    write_json(out_dir / "report.json", report)
+    tmp = out_dir / f".report.md.{os.getpid()}.tmp"
+    tmp.write_text(render_markdown(report))
+    os.replace(tmp, out_dir / "report.md")
     return report
 
 
@@ -504,13 +564,40 @@ def evaluate_and_report(
     Used by ``teams-rl evaluate`` and the pipeline; the report goes to this run's
     ``eval/`` directory.
     """
-    runs = [cfg.run_dir.resolve(), *(Path(c).resolve() for c in (*cfg.eval.compare, *compare))]
-    for run in runs:
-        evaluate_run(run, cfg.eval, force=force, log=log)
-    report = build_report(runs, cfg.stage_dir("eval").resolve())
+    from rl_system.rundir import COMPLETE, run_lock, write_manifest
+
+    with run_lock(cfg.run_dir, what="teams-rl evaluate"):
+        runs = _report_runs(cfg, compare)
+        for run in runs:
+            evaluate_run(run, cfg.eval, force=force, log=log)
+        eval_dir = cfg.stage_dir("eval").resolve()
+        report = build_report(runs, eval_dir)
+        # Written last: a kill before this line leaves the stage not done, so it is redone.
+        write_manifest(eval_dir, stage="eval", fingerprint=eval_fingerprint(cfg, compare),
+                       status=COMPLETE, inputs=_eval_inputs(runs), files=["report.json"])
     log(f"report: {cfg.stage_dir('eval') / 'report.md'} ({len(report['plots'])} plots)")
     _record_metrics(report)
     return report
+
+
+def _report_runs(cfg: TeamsRLConfig, compare: tuple[str | Path, ...] = ()) -> list[Path]:
+    return [cfg.run_dir.resolve(), *(Path(c).resolve() for c in (*cfg.eval.compare, *compare))]
+
+
+def _eval_inputs(runs: list[Path]) -> dict[str, str | None]:
+    return {f"sft:{run}": trained_model_fingerprint(run) for run in runs}
+
+
+def eval_fingerprint(cfg: TeamsRLConfig, compare: tuple[str | Path, ...] = ()) -> str:
+    """Stage 4's fingerprint: the keys that decide its outputs, this config's SFT
+    fingerprint (so a re-trained model is a changed input) and each compared run's model."""
+    from rl_system.rundir import fingerprint
+    from train.sft import sft_fingerprint
+
+    data = cfg.eval.model_dump(mode="json")
+    section = {k: data[k] for k in (*LM_EVAL_KEYS, *_mia_keys(cfg.eval))}
+    runs = _report_runs(cfg, compare)
+    return fingerprint(section, {"sft": sft_fingerprint(cfg), **_eval_inputs(runs[1:])})
 
 
 def _record_metrics(report: dict[str, Any]) -> None:
@@ -530,6 +617,10 @@ def _record_metrics(report: dict[str, Any]) -> None:
 
 
 def report_is_done(cfg: TeamsRLConfig) -> bool:
-    """Whether this run's evaluation outputs and report exist (outputs are kept, not redone)."""
+    """Whether stage 4 finished for this config and this SFT model, and its report reads
+    (a report torn by a kill is redone, never crashed on)."""
+    from rl_system.rundir import is_done, read_json
+
     eval_dir = cfg.stage_dir("eval").resolve()
-    return all((eval_dir / f).exists() for f in (LM_EVAL_FILE, MIA_FILE, "report.json"))
+    return (is_done(eval_dir, eval_fingerprint(cfg))
+            and isinstance(read_json(eval_dir / "report.json"), dict))

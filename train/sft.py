@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -54,6 +53,7 @@ from train.data import IGNORE_INDEX, collate, load_sft_datasets, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
+STAGE = "sft"
 RAY_TRAIN_NAME = "ray_train"
 FINAL_MARKER = "teams_rl_sft.json"
 TRAINER_STATE = "trainer_state.json"
@@ -137,14 +137,40 @@ def plan_steps(sft: SFTConfig, *, train_rows: int) -> tuple[int, int, int]:
     return steps_per_epoch, total, warmup
 
 
+def sft_inputs(cfg: TeamsRLConfig, files: list[Path]) -> dict[str, str]:
+    """The data SFT reads, as a fingerprint: stage 2's output fingerprint when the files are
+    this run's dataset (its manifest), else the files' identity (path, size, mtime)."""
+    from rl_system.rundir import fingerprint, output_fingerprint, read_manifest
+
+    dataset_dir = cfg.stage_dir("dataset").resolve()
+    manifest = read_manifest(dataset_dir)
+    if manifest and manifest.get("fingerprint") and all(
+            f.resolve().is_relative_to(dataset_dir) for f in files):
+        return {"dataset": output_fingerprint(manifest)}
+    data = [(str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+    return {"files": fingerprint(data)}
+
+
 def plan_key(cfg: TeamsRLConfig, files: list[Path]) -> str:
-    """Identity of a finished run: the sft fields that shape the weights + the data files."""
+    """SFT's fingerprint: the sft fields that shape the weights + its input's fingerprint."""
+    from rl_system.rundir import fingerprint
+
     bookkeeping = {"fail_once_at_step", "log_every_steps", "eval_every_steps",
                    "checkpoint_every_steps", "keep_checkpoints", "max_failures"}
     sft = cfg.sft.model_dump(mode="json", exclude=bookkeeping)
-    data = [(str(f.resolve()), f.stat().st_size, int(f.stat().st_mtime)) for f in files]
-    blob = json.dumps({"sft": sft, "data": data}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return fingerprint(sft, sft_inputs(cfg, files))
+
+
+def sft_fingerprint(cfg: TeamsRLConfig, *, dataset_path: str | os.PathLike | None = None
+                    ) -> str | None:
+    """This config's SFT fingerprint (None while its data does not exist)."""
+    from train.data import SFTDataError, parquet_files
+
+    try:
+        files = parquet_files(dataset_path or default_dataset_path(cfg))
+    except SFTDataError:
+        return None
+    return plan_key(cfg, files)
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,10 +185,18 @@ def run_sft(cfg: TeamsRLConfig, *, dataset_path: str | os.PathLike | None = None
     ``ConfigError`` (more workers than the cluster can place, too little data for one
     step) before any worker starts.
     """
+    from rl_system.rundir import run_lock
+
+    with run_lock(cfg.run_dir, what="teams-rl sft"):
+        return _run_sft(cfg, dataset_path=dataset_path)
+
+
+def _run_sft(cfg: TeamsRLConfig, *, dataset_path: str | os.PathLike | None) -> Path:
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from rl_system.rundir import COMPLETE, write_manifest
     from train.data import parquet_files, validate_files
 
     sft = cfg.sft
@@ -174,6 +208,8 @@ def run_sft(cfg: TeamsRLConfig, *, dataset_path: str | os.PathLike | None = None
     key = plan_key(cfg, files)
     if _final_matches(final, key):
         logger.info("sft: %s is already trained with this config and data; reusing it", final)
+        write_manifest(stage, stage=STAGE, fingerprint=key, status=COMPLETE,
+                       inputs=sft_inputs(cfg, files), final=str(final))
         return final
 
     if not ray.is_initialized():
@@ -235,18 +271,15 @@ def run_sft(cfg: TeamsRLConfig, *, dataset_path: str | os.PathLike | None = None
     trainer.fit()  # raises TrainingFailedError once max_failures restarts are spent
     if not _final_matches(final, key):
         raise RuntimeError(f"sft finished but {final} was not written; see {plan.metrics_path}")
+    write_manifest(stage, stage=STAGE, fingerprint=key, status=COMPLETE,
+                   inputs=sft_inputs(cfg, files), final=str(final))
     return final
 
 
 def sft_is_done(cfg: TeamsRLConfig, *, dataset_path: str | os.PathLike | None = None) -> bool:
     """Whether ``runs/<name>/sft/final`` was trained with this config on this data."""
-    from train.data import SFTDataError, parquet_files
-
-    try:
-        files = parquet_files(dataset_path or default_dataset_path(cfg))
-    except SFTDataError:
-        return False
-    return _final_matches(cfg.stage_dir("sft").resolve() / "final", plan_key(cfg, files))
+    key = sft_fingerprint(cfg, dataset_path=dataset_path)
+    return key is not None and _final_matches(cfg.stage_dir("sft").resolve() / "final", key)
 
 
 def default_dataset_path(cfg: TeamsRLConfig) -> Path:
@@ -303,8 +336,9 @@ def _final_matches(final: Path, key: str) -> bool:
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    from rl_system.rundir import append_jsonl
+
+    append_jsonl(path, record)
 
 
 # ---------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -67,6 +68,25 @@ def make_run(root: Path, name: str, *, strategy: str, queries_per_pair: int) -> 
         "attacks": {a: {"auc": 0.6, "tpr_at_1pct_fpr": 0.0, "roc": roc}
                     for a in ("loss", "zlib", "min_k")}, "n_members": 6, "n_non_members": 6}))
     return run
+
+
+def check_lm_eval_task(task: dict, raw: dict) -> None:
+    """The summary agrees with lm-eval's own numbers and with its sample stderr."""
+    n, acc = task["n"], task["acc"]
+    assert acc == raw["acc,none"]
+    assert acc * n == pytest.approx(round(acc * n))  # a share of n scored documents
+    assert task["acc_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / (n - 1)), abs=1e-9)
+
+
+def check_mia_attacks(mia: dict) -> None:
+    """Each attack's AUC is the area under the ROC points it wrote (recomputed)."""
+    import numpy as np
+
+    assert set(mia["attacks"]) == {"loss", "zlib", "min_k"}
+    for attack in mia["attacks"].values():
+        roc = attack["roc"]
+        area = float(np.trapezoid(roc["tpr"], roc["fpr"]))
+        assert attack["auc"] == pytest.approx(area, abs=1e-5)
 
 
 @pytest.fixture()

@@ -26,6 +26,7 @@ from rl_system.pipeline import run_pipeline
 from train.report import PLOT_TITLES
 
 from .rl_system.test_dataset_real_model import check_dataset_outputs
+from .test_report import check_mia_attacks
 
 pytestmark = pytest.mark.slow
 
@@ -107,8 +108,10 @@ def test_held_out_records_are_the_mia_non_members(compared):
         assert set(mia["non_member_ids"]) <= heldout
         assert set(mia["member_ids"]) <= trained
         assert mia["n_members"] == mia["n_non_members"] == len(mia["member_ids"]) >= 2
-        for attack in ("loss", "zlib", "min_k"):
-            assert 0.0 <= mia["attacks"][attack]["auc"] <= 1.0
+        check_mia_attacks(mia)  # each AUC is the area under the ROC it wrote
+        report = compared["report"]["privacy"][cfg.run.name]
+        assert {a: r["auc"] for a, r in report["attacks"].items()} == {
+            a: r["auc"] for a, r in mia["attacks"].items()}
 
 
 def test_report_fills_every_section_from_the_real_runs(compared):

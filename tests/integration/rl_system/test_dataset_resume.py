@@ -182,23 +182,66 @@ def test_bad_seeds_and_empty_rewrites(scripted, tmp_path):
     assert seeds_in_rows == {"a"}
 
 
-def test_erroring_expert_is_counted_and_run_continues(serve_port, scripted, tmp_path):
-    from ray import serve
+def _expert_down(cfg, name):
+    """The expert behind an OpenAI-compatible URL where nothing listens."""
+    from tests.integration.conftest import free_port
 
-    from serve.app import build_app
+    down = cfg.model_copy(deep=True)
+    down.run.name = name
+    down.models.expert = down.models.expert.model_copy(update={
+        "backend": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1",
+        "max_retries": 0, "timeout_s": 5.0})
+    return down
 
-    cfg = _scripted_cfg(serve_port, tmp_path, "dserr",
-                        [f"dataset.seeds={scripted.dataset.seeds}", "dataset.num_seeds=2"],
-                        script={"error": "expert is down"})
-    serve.run(build_app(cfg), name="dserr", route_prefix="/dserr")
-    try:
-        manifest = build_dataset(cfg)
-    finally:
-        serve.delete("dserr")
+
+def test_expert_down_is_incomplete_then_resumes_without_repaying(scripted):
+    from rl_system.dataset import DatasetIncomplete
+
+    ref = scripted.model_copy(deep=True)
+    ref.run.name = "down-ref"
+    reference = build_dataset(ref)
+    # 1. a partial build (budget) leaves cached answers
+    cfg = scripted.model_copy(deep=True)
+    cfg.run.name = "down"
+    cfg.dataset.max_expert_queries = 3
+    first = build_dataset(cfg)
+    assert first["status"] == "incomplete"
+    # 2. the expert is down for the whole build: incomplete, the role named, stopped early
+    down = _expert_down(cfg, "down")
+    down.dataset.max_expert_queries = None
+    with pytest.raises(DatasetIncomplete, match=r"the expert role said: .+stopped early") as e:
+        build_dataset(down)
+    assert e.value.manifest["status"] == "incomplete"
+    manifest = json.loads((cfg.stage_dir("dataset") / "manifest.json").read_text())
     s = manifest["summary"]
-    assert manifest["status"] == "complete" and s["pairs_written"] == 0
-    assert s["evolutions_failed"] == s["evolutions_tried"] == 4
-    assert manifest["queries"]["wizardlm"]["expert"]["failures"] == 4
+    assert manifest["status"] == "incomplete" and s["first_failure"]["role"] == "expert"
+    # No seed finishes from the cache alone (each needs 4 expert calls, 3 were paid), so
+    # every seed fails; past dataset.max_failure_rate=0.5 (more than 3 of 6) it stops.
+    assert s["seeds_incomplete_by_cause"] == {"budget": 0, "failure": 4, "stopped": 2}
+    # 3. back up: completes with the reference rows; what was cached is not paid again
+    cfg.dataset.max_expert_queries = None
+    resumed = build_dataset(cfg)
+    assert resumed["status"] == "complete"
+    assert _ids(cfg) == _ids(ref)
+    logical = reference["expert_queries"]
+    assert resumed["expert_queries"] + resumed["expert_queries_cached"] == logical
+    assert first["expert_queries"] + resumed["expert_queries"] == logical
+    assert resumed["expert_queries_cached"] == first["expert_queries"]
+
+
+def test_expert_down_for_the_whole_build_writes_no_shard_and_says_why(scripted):
+    from rl_system.dataset import DatasetIncomplete
+
+    down = _expert_down(scripted, "alldown")
+    down.dataset.max_failure_rate = 1.0  # never stop early: every seed is tried
+    with pytest.raises(DatasetIncomplete, match="6 of 6 seeds failed, the expert role"):
+        build_dataset(down)
+    manifest = json.loads((down.stage_dir("dataset") / "manifest.json").read_text())
+    assert manifest["summary"]["seeds_incomplete_by_cause"] == {
+        "budget": 0, "failure": 6, "stopped": 0}
+    assert manifest["files"]["parquet"] == []
+    assert not list((down.stage_dir("dataset") / "data").glob("*.parquet"))
+    assert "unfinished seeds" in manifest["summary"]["empty_reason"]
 
 
 def test_missing_or_incompatible_checkpoint_fails_before_any_query(scripted, tmp_path):
@@ -209,3 +252,118 @@ def test_missing_or_incompatible_checkpoint_fails_before_any_query(scripted, tmp
         build_dataset(cfg)
     assert not (cfg.stage_dir("dataset") / "cache").exists()
     assert not (cfg.stage_dir("dataset") / "manifest.json").exists()
+
+
+@pytest.fixture()
+def lease_app(serve_port, scripted, tmp_path):
+    """A scripted role app, recorded as started by a run (what ``ensure_deployed`` does
+    when it deploys), on a route of its own so it cannot clash with other test apps."""
+    from ray import serve
+
+    from serve.app import _leases, build_app, role_fingerprint
+
+    cfg = _scripted_cfg(serve_port, tmp_path / "runs", "dslease",
+                        [f"dataset.seeds={scripted.dataset.seeds}", "dataset.num_seeds=3"])
+    serve.run(build_app(cfg), name="dslease", route_prefix="/dslease")
+    _leases().acquire("dslease", role_fingerprint(cfg), None, started=True)
+    yield cfg
+    if "dslease" in serve.status().applications:
+        serve.delete("dslease")
+    _leases().release("dslease", None)
+
+
+def test_a_run_releasing_its_lease_keeps_the_roles_another_run_uses(lease_app):
+    from ray import serve
+
+    from rl_system.config import ConfigError
+    from serve.app import ensure_deployed, undeploy
+
+    a, b = lease_app.model_copy(deep=True), lease_app.model_copy(deep=True)
+    a.run.name, b.run.name = "lease-a", "lease-b"
+    ensure_deployed(a, holder=str(a.run_dir))
+    ensure_deployed(b, holder=str(b.run_dir))
+    assert undeploy(a, holder=str(a.run_dir)) is False  # b still holds a lease
+    assert serve.status().applications["dslease"].status == "RUNNING"
+    assert build_dataset(b)["status"] == "complete"  # b's roles still answer
+    # Other roles under the same app name are refused, not silently reused.
+    other = b.model_copy(deep=True)
+    other.models.expert.script = {"default": "something else"}
+    with pytest.raises(ConfigError, match="serve.app_name='dslease' already runs"):
+        ensure_deployed(other, holder="other")
+    assert undeploy(b, holder=str(b.run_dir)) is True  # the last lease: deleted
+    assert "dslease" not in serve.status().applications
+
+
+def test_two_pipelines_on_one_cluster_both_finish(lease_app, monkeypatch):
+    import threading
+
+    from rl_system import pipeline
+
+    # The stages that call the roles (policy is skipped: strategy wizardlm).
+    monkeypatch.setattr(pipeline, "STAGES", pipeline.STAGES[:2])
+    cfgs = []
+    for name in ("pipe-a", "pipe-b"):
+        c = lease_app.model_copy(deep=True)
+        c.run.name = name
+        cfgs.append(c)
+    errors = []
+
+    def run(c):
+        try:
+            pipeline.run_pipeline(c, log=lambda _: None)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in cfgs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert errors == []
+    from ray import serve
+
+    assert "dslease" not in serve.status().applications  # the last lease deleted them
+    for c in cfgs:
+        manifest = json.loads((c.stage_dir("dataset") / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["summary"]["pairs_written"] > 0
+
+
+def _cli(cfg, tmp_path, name):
+    import ray
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(cfg.to_portable_dict()))  # JSON is YAML
+    return [sys.executable, "-m", "rl_system.cli", "build-dataset", "--config", str(path),
+            "--address", ray.get_runtime_context().gcs_address]
+
+
+def test_cli_one_build_per_run_dir_and_a_down_expert_exits_nonzero(scripted, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    cfg = scripted.model_copy(deep=True)
+    cfg.run.name = "cli"
+    cmd = _cli(cfg, tmp_path, "cli")
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=env)
+    lock = cfg.run_dir / ".lock"
+    deadline = time.monotonic() + 120
+    while f"pid {first.pid}" not in (lock.read_text() if lock.exists() else ""):
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+        time.sleep(0.1)
+    started = time.monotonic()
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    waited = time.monotonic() - started
+    assert second.returncode == 1
+    assert f"in use by pid {first.pid} (teams-rl build-dataset)" in second.stderr
+    assert waited < 30, waited
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out
+    assert "dataset build (wizardlm): complete" in out
+
+    down = _expert_down(cfg, "cli-down")
+    proc = subprocess.run(_cli(down, tmp_path, "down"), capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 1
+    assert "Error: dataset incomplete" in proc.stderr and "the expert role said" in proc.stderr
+    manifest = json.loads((down.stage_dir("dataset") / "manifest.json").read_text())
+    assert manifest["status"] == "incomplete"
+    assert manifest["summary"]["first_failure"]["role"] == "expert"

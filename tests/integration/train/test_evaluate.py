@@ -10,7 +10,7 @@ import pytest
 
 from rl_system.config import EvalConfig
 from rl_system.models import resolve_model
-from tests.integration.test_report import make_run
+from tests.integration.test_report import check_lm_eval_task, check_mia_attacks, make_run
 from train.evaluate import TaskNotFoundError, run_lm_eval
 from train.report import build_report, evaluate_run
 
@@ -31,17 +31,26 @@ def _cfg(tmp_path, **kw) -> EvalConfig:
 
 
 @pytest.mark.slow
-def test_local_task_end_to_end_into_the_report(tmp_path):
-    """lm-eval (child process) -> eval/lm_eval.json; MIA -> eval/mia.json; report.json."""
+def test_local_task_end_to_end_into_the_report(tmp_path, ray_session):
+    """lm-eval (child process) -> eval/lm_eval.json; MIA -> eval/mia.json; report.json.
+
+    ``eval.num_gpus=1`` (a fake GPU on the test cluster): both run in one Ray task, never
+    in the driver, as on the GPU cluster."""
     run = make_run(tmp_path, "smol", strategy="wizardlm", queries_per_pair=4)
     shutil.rmtree(run / "eval")
     (run / "sft").mkdir()
     (run / "sft" / "final").symlink_to(resolve_model("embedded:smollm2-135m-instruct"))
-    out = evaluate_run(run, _cfg(tmp_path), log=lambda _: None)
+    out = evaluate_run(run, _cfg(tmp_path, num_gpus=1), log=lambda _: None)
     task = out["lm_eval"]["tasks"]["teams_rl_mc"]
-    assert task["n"] == 8 and 0.0 <= task["acc"] <= 1.0
-    assert set(out["mia"]["attacks"]) == {"loss", "zlib", "min_k"}
+    assert task["n"] == 8
+    check_lm_eval_task(task, out["lm_eval"]["raw_results"]["teams_rl_mc"])
+    check_mia_attacks(out["mia"])
+    pids = {out["lm_eval"]["evaluated_by_pid"], out["mia"]["evaluated_by_pid"]}
+    assert len(pids) == 1 and os.getpid() not in pids
     print("timings_s", out["timings_s"], "lm_eval elapsed_s", out["lm_eval"]["elapsed_s"])
+    # Made from this model with these keys: reused, not run again.
+    again = evaluate_run(run, _cfg(tmp_path, num_gpus=1), log=lambda _: None)
+    assert again["timings_s"] == {} and again["lm_eval"] == out["lm_eval"]
 
     report = build_report([run], tmp_path / "report")
     on_disk = json.loads((tmp_path / "report" / "report.json").read_text())

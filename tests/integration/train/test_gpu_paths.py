@@ -13,6 +13,8 @@ import os
 
 import pytest
 
+from tests.integration.test_report import check_mia_attacks
+
 pytestmark = pytest.mark.gpu
 
 
@@ -112,5 +114,10 @@ def test_membership_inference_runs_on_cuda(model_dir):
         ("What is ice?", "Frozen water."), ("Who wrote Hamlet?", "Shakespeare."))]
     out = run_mia(model_dir, members, non_members, device="cuda", max_tokens=32)
     assert out["n_members"] == out["n_non_members"] == 4
+    check_mia_attacks(out)  # each AUC is the area under its own ROC points
+    # The same attack on the CPU (fp32 both): the GPU path scores the same tokens.
+    cpu = run_mia(model_dir, members, non_members, device="cpu", max_tokens=32)
     for attack in ("loss", "zlib", "min_k"):
-        assert 0.0 <= out["attacks"][attack]["auc"] <= 1.0
+        for key in ("member_score_mean", "non_member_score_mean"):
+            assert out["attacks"][attack][key] == pytest.approx(
+                cpu["attacks"][attack][key], rel=1e-3, abs=1e-4), (attack, key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from click.testing import CliRunner
 
 from rl_system.cli import main
@@ -53,3 +54,14 @@ def test_unreachable_address_fails_fast_with_a_message():
     assert result.exit_code == 1
     assert "cannot reach the Ray cluster at 127.0.0.1:9" in result.output
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("command", ["train-policy", "build-dataset", "sft", "pipeline"])
+def test_unwritable_run_dir_fails_before_ray(tmp_path, ray_init_calls, command):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    result = _run(ray_init_calls, command, "--set", f"run.dir={blocker}",
+                  "--set", "dataset.strategy=wizardlm")
+    assert result.exit_code == 1
+    assert "is not writable" in result.output and "run.dir" in result.output
+

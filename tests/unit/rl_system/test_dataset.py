@@ -35,11 +35,12 @@ from serve.protocol import Completion
 class FakeClient:
     """Stands in for ``LLMClient``: appends a word; reviewer prefers 'Not Equal' if texts differ."""
 
-    def __init__(self, role, *, fail_on: str | None = None, empty: bool = False):
+    def __init__(self, role, *, fail_on: str | None = None, empty: bool = False,
+                 transient: bool = False):
         self.role = role
         self.defaults = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16}
         self.usage = Usage()
-        self.fail_on, self.empty = fail_on, empty
+        self.fail_on, self.empty, self.transient = fail_on, empty, transient
 
     def generate(self, requests, return_exceptions=False):
         out = []
@@ -48,7 +49,7 @@ class FakeClient:
             text = r.messages[-1].content
             if self.fail_on and self.fail_on in text:
                 self.usage.failures += 1
-                out.append(LLMCallError(self.role, "boom"))
+                out.append(LLMCallError(self.role, "boom", transient=self.transient))
                 continue
             inner = text.split("<<<")[-1].split(">>>")[0]
             reply = "" if self.empty else f"{inner} carefully"
@@ -103,6 +104,13 @@ def test_stop_ends_episode_without_query(tmp_path):
 def test_errors_and_empty_text_are_failed_evolutions(tmp_path):
     result, _ = episode(tmp_path, UniformChooser((0,)), fail_on="sky")
     assert result.counts["evolutions_failed"] == 3 and result.candidates == []
+    assert not result.incomplete
+
+
+def test_a_transient_error_leaves_the_seed_incomplete(tmp_path):
+    result, _ = episode(tmp_path, UniformChooser((0,)), fail_on="sky", transient=True)
+    assert result.incomplete and result.failure == "expert: boom"
+    assert result.counts["evolutions_failed"] == 0 and result.candidates == []
     result, _ = episode(tmp_path / "b", UniformChooser((0,)), empty=True)
     assert result.counts["evolutions_failed"] == 3 and result.candidates == []
 
