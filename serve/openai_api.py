@@ -45,6 +45,7 @@ class ChatCompletionRequest(BaseModel):
     n: Literal[1] = 1
     stream: Literal[False] = False
     stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
 
 
 class CompletionRequest(BaseModel):
@@ -60,6 +61,7 @@ class CompletionRequest(BaseModel):
     n: Literal[1] = 1
     stream: Literal[False] = False
     stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
 
 
 def _error(status: int, message: str, *, kind: str, code: str | None = None, param=None):
@@ -183,7 +185,7 @@ class OpenAIIngress:
             return self._too_many_tokens(max_tokens)
         gen = GenerationRequest(
             messages=body.messages, max_tokens=max_tokens, temperature=body.temperature,
-            top_p=body.top_p, stop=_as_list(body.stop),
+            top_p=body.top_p, stop=_as_list(body.stop), seed=body.seed,
             role=request.headers.get(ROLE_HEADER, "http"),
         )
         result = await _call(server.generate.remote(gen))
@@ -229,7 +231,7 @@ class OpenAIIngress:
         if body.max_tokens > 0:
             gen = GenerationRequest(
                 prompt=body.prompt, max_tokens=body.max_tokens, temperature=body.temperature,
-                top_p=body.top_p, stop=_as_list(body.stop), role=role,
+                top_p=body.top_p, stop=_as_list(body.stop), seed=body.seed, role=role,
             )
             result = await _call(server.generate.remote(gen))
             if isinstance(result, JSONResponse):

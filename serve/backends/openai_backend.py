@@ -160,6 +160,8 @@ class OpenAIBackend:
             stop=r.stop,
             extra_headers={"X-Teams-RL-Role": r.role},
         )
+        if r.seed is not None:  # the OpenAI API's and vLLM's per-request sampling seed
+            common["seed"] = r.seed
         if r.messages is not None:
             resp = self._call(
                 self.client.chat.completions.create,

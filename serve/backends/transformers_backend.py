@@ -84,7 +84,8 @@ class TransformersBackend:
 
     @staticmethod
     def _sampling_key(r: GenerationRequest) -> tuple:
-        return (r.temperature, r.top_p, r.max_tokens, tuple(r.stop or ()))
+        seeded = r.seed is not None and r.temperature > 0
+        return (r.temperature, r.top_p, r.max_tokens, tuple(r.stop or ()), seeded)
 
     def _generate_group(self, requests: list[GenerationRequest]) -> list[Completion]:
         import torch
@@ -97,14 +98,18 @@ class TransformersBackend:
         self._check_length(batch["input_ids"].shape[1], first.max_tokens)
         batch = batch.to(self._device)
         sample = first.temperature > 0
+        seeded = sample and first.seed is not None  # the whole group is (_sampling_key)
         with torch.inference_mode():
             out = model.generate(
                 **batch,
                 max_new_tokens=first.max_tokens,
-                do_sample=sample,
-                temperature=first.temperature if sample else None,
-                top_p=first.top_p if sample else None,
+                # A seeded group samples through its own per-row generators (greedy on
+                # Gumbel-perturbed scores), so transformers' sampler stays off.
+                do_sample=sample and not seeded,
+                temperature=first.temperature if sample and not seeded else None,
+                top_p=first.top_p if sample and not seeded else None,
                 top_k=None,
+                logits_processor=_seeded_sampling(requests, self._device) if seeded else None,
                 pad_token_id=tok.pad_token_id,
                 stop_strings=first.stop or None,
                 tokenizer=tok if first.stop else None,
@@ -209,6 +214,37 @@ class TransformersBackend:
     def check_health(self) -> None:
         if self._model is None:
             raise BackendError(f"{self.model_id} is not loaded")
+
+
+def _seeded_sampling(requests: list[GenerationRequest], device):
+    """Sampling with one ``torch.Generator`` per request (``GenerationRequest.seed``).
+
+    Temperature and top-p as transformers applies them, then the Gumbel-max trick: the
+    arg-max of ``scores + Gumbel noise`` is a sample of ``softmax(scores)``. Each row draws
+    its noise from its own generator, so a request's completion depends on its seed and
+    not on which requests share its batch (up to the batch's padding arithmetic).
+    """
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    generators = [torch.Generator(device=device).manual_seed(int(r.seed)) for r in requests]
+
+    class _Gumbel(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
+                             for g in generators])
+            tiny = torch.finfo(u.dtype).tiny
+            return scores + (-torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))).to(scores.dtype)
+
+    first = requests[0]
+    warpers = [TemperatureLogitsWarper(first.temperature)]
+    if first.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(first.top_p))
+    return LogitsProcessorList([*warpers, _Gumbel()])
 
 
 def _as_list(x) -> list:
