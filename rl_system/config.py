@@ -202,7 +202,10 @@ class RewardConfig(_Section):
     failure_penalty: float = Field(0.5, ge=0, description="Subtracted when a model call fails.")
     min_info_gain: float = Field(
         0.0, ge=0, lt=1,
-        description="Evolutions whose calibrated info_gain is at most this are eliminated.",
+        description="Evol-Instruct elimination rule 1 (no information gain), in stage 1 and "
+        "stage 2: an evolution whose calibrated info_gain (the reviewer's P(not equal) "
+        "against its self-pair score, in [0, 1]) is at most this is eliminated. 0 drops "
+        "only those the reviewer finds no more different than the instruction itself.",
     )
 
 
@@ -243,9 +246,10 @@ class DatasetConfig(_Section):
         "sample", description="policy strategy: sample actions (seeded per seed id) or arg-max."
     )
     expert_temperature: float | None = Field(
-        0.0, ge=0.0, le=2.0,
-        description="Expert temperature in stage 2; 0 = greedy, so a re-run asks the same "
-        "requests (exact resume). None = models.expert.sampling.temperature.",
+        None, ge=0.0, le=2.0,
+        description="None (default): the expert samples as models.expert.sampling says. A "
+        "number overrides that temperature in stage 2 only (0 = greedy). Resume is exact "
+        "either way: each expert request carries a seed derived from its request hash.",
     )
     max_failure_rate: float = Field(
         0.5, ge=0, le=1,

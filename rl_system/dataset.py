@@ -4,11 +4,20 @@
 
 Seeds (``dataset.seeds``) stream through two actor-pool stages:
 
-1. ``evolve``: per seed, the strategy (``rl_system.strategies``) picks actions; the
-   *expert* role rewrites the instruction with each; the *reviewer* role reviews it and
-   the shared elimination rules (``rl_system.reviewer.eliminate``) drop failures. Every
-   surviving rewrite is a candidate; it becomes the instruction the next round evolves.
-2. ``respond``: the expert answers every candidate.
+1. ``evolve``: per seed, the strategy (``rl_system.strategies``) picks actions and each
+   is one step of ``rl_system.evolution.evolve`` (the training env's step): the *expert*
+   role rewrites the instruction (shown with the seed's input), the *reviewer* role
+   reviews it and the instruction rules of ``rl_system.reviewer`` drop failures. Every
+   surviving rewrite is a candidate; it becomes the task the next round evolves. The
+   seed's input stays attached unless an action replaces the task (``breadth``).
+2. ``respond``: the expert answers every candidate (instruction and input, rendered by
+   ``rl_system.tasks.task_text``); Evol-Instruct's response rules (refusal-like and
+   short, only punctuation / stop words) drop the pair.
+
+A seed whose model call failed *transiently* (overload, timeout, a dead replica, the
+network: ``LLMCallError.transient``) stops there and is ``incomplete``, with the failing
+role and message in its ``failure`` column: the next run redoes it (its cached calls
+replayed). A call rejected as it stands is a counted failed evolution or response.
 
 The driver then removes exact and near duplicates (MiniLM cosine >=
 ``dataset.dedupe_threshold``) and writes, under ``runs/<name>/dataset/``:
@@ -16,8 +25,10 @@ The driver then removes exact and near duplicates (MiniLM cosine >=
 and ``manifest.json`` (config hash, counts, query totals, the summary table).
 
 Exact resume: every model call goes through a request-hash cache in ``cache/`` (one
-append-only JSONL file per actor; a torn last line is skipped), the expert samples
-greedily (``dataset.expert_temperature``) and action choices use a per-seed RNG. A
+append-only JSONL file per actor; a torn last line is skipped), each expert request
+carries a sampling ``seed`` derived from its request hash (the expert samples as
+``models.expert.sampling`` says, yet a request asked again gets the same answer) and
+action choices use a per-seed RNG. A
 re-run with the same config replays cached answers (counted as
 ``expert_queries_cached``, not paid) and yields the same rows; a changed config is
 refused. ``dataset.max_expert_queries`` caps the expert calls *paid* by one invocation:
@@ -48,7 +59,7 @@ from typing import Any
 
 from rl_system.actions import ACTIONS
 from rl_system.config import TeamsRLConfig
-from rl_system.reviewer import RULE_NAMES, Review
+from rl_system.reviewer import RULE_NAMES, Review, eliminate_response
 from rl_system.rundir import (
     COMPLETE,
     INCOMPLETE,
@@ -61,6 +72,7 @@ from rl_system.rundir import (
     write_manifest,
 )
 from rl_system.seeds import Seed, SeedSet, load_seeds
+from rl_system.tasks import Task, task_text, user_messages
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +144,12 @@ class RequestCache:
 def request_key(kind: str, model: str, payload: dict) -> str:
     blob = json.dumps({"kind": kind, "model": model, "payload": payload}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def request_seed(key: str) -> int:
+    """The sampling seed of a request: fixed by its hash, so asking again (a resumed run,
+    a lost answer) samples the same completion."""
+    return int(key[:8], 16)
 
 
 class CachedRole:
@@ -213,7 +231,9 @@ class CachedRole:
 
         requests = [GenerationRequest(messages=m, role=self.role, **self.client.defaults)
                     for m in messages_list]
-        payloads = [r.model_dump(mode="json", exclude={"role"}) for r in requests]
+        payloads = [r.model_dump(mode="json", exclude={"role", "seed"}) for r in requests]
+        requests = [r.model_copy(update={"seed": request_seed(request_key(
+            "generate", self.model, p))}) for r, p in zip(requests, payloads, strict=True)]
         results = self._run(
             "generate", payloads,
             call=lambda idx: self.client.generate([requests[i] for i in idx],
@@ -239,16 +259,17 @@ class CachedRole:
 
 
 def response_messages(instruction: str, input_text: str = "") -> list[dict[str, str]]:
-    content = f"{instruction}\n\n{input_text}" if input_text else instruction
-    return [{"role": "user", "content": content}]
+    """The expert's request for an answer: the task as the chat export and SFT show it."""
+    return user_messages(instruction, input_text)
 
 
 @dataclass
 class EpisodeResult:
     candidates: list[dict] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
+    # The seed must be redone by the next run (budget spent, or a transient failure).
     incomplete: bool = False
-    failure: str | None = None  # "<role>: <message>" of the transient failure that stopped it
+    failure: str = ""  # "role: message" of the transient failure that stopped it, else ""
 
 
 def run_episode(
@@ -256,20 +277,24 @@ def run_episode(
 ) -> EpisodeResult:
     """Evolve ``seed`` for at most ``rounds`` actions; every survivor is a candidate.
 
+    Each action is one ``rl_system.evolution.evolve`` step with the expert as rewriter.
     ``reviewer``: a ``Reviewer`` over the reviewer role. The observation follows the
     training env: ``step`` = actions taken so far, ``last_action`` = the last one chosen
     (whether or not its rewrite survived). A candidate's ``expert_queries`` counts the
     rewrites spent since the previous survivor, so a seed's cost is split over its pairs.
+    A transient failure ends the episode ``incomplete`` (``failure`` says where).
     """
-    from serve.client import LLMCallError
+    from rl_system.evolution import evolve
 
     result = EpisodeResult()
     counts = result.counts
-    instruction, history, taken = seed.instruction, [seed.instruction], []
+    task = Task.of(seed)
+    history, taken = [task], []
     last_action: int | None = None
     spent_queries = spent_tokens = 0
     for step in range(rounds):
-        index = chooser.choose(instruction=instruction, last_action=last_action, step=step, rng=rng)
+        index = chooser.choose(instruction=task.instruction, last_action=last_action,
+                               step=step, rng=rng)
         action = ACTIONS[index]
         last_action = index
         taken.append(action.name)
@@ -277,44 +302,33 @@ def run_episode(
             break
         counts["evolutions_tried"] += 1
         try:
-            [completion] = expert.generate([action.messages(instruction)])
+            outcome = evolve(task, action, rewriter=expert, reviewer=reviewer, history=history)
         except BudgetExhausted:
             result.incomplete = True
             counts["evolutions_tried"] -= 1
             break
-        except LLMCallError as exc:
-            if exc.transient:  # may succeed later: this seed is redone by the next run
-                result.incomplete, result.failure = True, str(exc)
-                break
-            counts["evolutions_failed"] += 1
-            spent_queries += 1
+        spent_queries += outcome.queries
+        spent_tokens += outcome.tokens
+        if outcome.outcome == "infra_failure":
+            counts["infra_failures"] += 1
+            result.incomplete, result.failure = True, outcome.failure
+            break
+        if outcome.outcome == "failed":
+            counts["evolutions_failed" if outcome.rewrite is None else "reviews_failed"] += 1
             continue
-        spent_queries += 1
-        spent_tokens += completion.prompt_tokens + completion.completion_tokens
-        text = completion.text.strip()
-        if not text:
-            counts["evolutions_failed"] += 1
-            continue
-        try:
-            review = reviewer.review(instruction, text, history=history)
-        except LLMCallError as exc:
-            if exc.transient:
-                result.incomplete, result.failure = True, str(exc)
-                break
-            counts["reviews_failed"] += 1
-            continue
-        if review.eliminated:
-            counts[f"eliminated/{review.eliminated}"] += 1
+        if outcome.outcome == "eliminated":
+            counts[f"eliminated/{outcome.review.eliminated}"] += 1
             continue
         counts["evolutions_kept"] += 1
+        task = outcome.task
         result.candidates.append({
-            "evolution_step": step + 1, "actions": list(taken), "instruction": text,
-            "review": review.as_dict(), "expert_queries": spent_queries,
+            "evolution_step": step + 1, "actions": list(taken),
+            "instruction": task.instruction, "input": task.input,
+            "review": outcome.review.as_dict(), "expert_queries": spent_queries,
             "expert_tokens": spent_tokens,
         })
         spent_queries = spent_tokens = 0
-        instruction = text
-        history.append(text)
+        history.append(task)
     return result
 
 
@@ -405,11 +419,11 @@ class RespondStage(_ModelStage):
         for row in batch.to_pylist():
             before = {"expert": self.expert.snapshot()}
             candidates, counts = json.loads(row["candidates"]), Counter(json.loads(row["counts"]))
-            incomplete, failure = row["incomplete"], row.get("failure")
+            incomplete, failure = row["incomplete"], row["failure"]
             kept = []
             if candidates and not incomplete:
                 answers = self.expert.generate(
-                    [response_messages(c["instruction"], row["input"]) for c in candidates],
+                    [response_messages(c["instruction"], c["input"]) for c in candidates],
                     return_exceptions=True,
                 )
                 for c, answer in zip(candidates, answers, strict=True):
@@ -420,11 +434,20 @@ class RespondStage(_ModelStage):
                         incomplete, failure = True, failure or str(answer)
                         continue
                     c["expert_queries"] += 1
-                    if isinstance(answer, LLMCallError) or not answer.text.strip():
-                        counts["responses_failed"] += 1
+                    if isinstance(answer, LLMCallError):
+                        if answer.transient:  # the seed is redone by the next run
+                            counts["infra_failures"] += 1
+                            incomplete, failure = True, failure or str(answer)
+                        else:
+                            counts["responses_failed"] += 1
                         continue
                     c["expert_tokens"] += answer.prompt_tokens + answer.completion_tokens
-                    kept.append({**c, "response": answer.text.strip()})
+                    response = answer.text.strip()
+                    rule = eliminate_response(response, Task(c["instruction"], c["input"]))
+                    if rule:
+                        counts[f"eliminated/{rule}"] += 1
+                        continue
+                    kept.append({**c, "response": response})
             # Usage from the evolve stage plus this one's expert calls.
             usage = json.loads(row["usage"])
             mine = json.loads(self._usage({"expert": self.expert}, before))["expert"]
@@ -496,20 +519,18 @@ def dedupe(rows: list[dict], *, threshold: float, encode) -> tuple[list[dict], i
 def row_schema():
     import pyarrow as pa
 
-    review_types = {"eliminated": pa.string(), "query_cost": pa.int64()}
-    review = pa.struct([(f.name, review_types.get(f.name, pa.float64())) for f in fields(Review)])
+    types = {"float": pa.float64(), "int": pa.int64(), "str | None": pa.string()}
+    review = pa.struct([(f.name, types[str(getattr(f.type, "__name__", f.type))])
+                        for f in fields(Review)])
     return pa.schema([
         ("id", pa.string()), ("seed_id", pa.string()), ("seed_instruction", pa.string()),
-        ("instruction", pa.string()), ("response", pa.string()),
+        ("instruction", pa.string()), ("input", pa.string()), ("response", pa.string()),
         ("actions", pa.list_(pa.string())), ("evolution_step", pa.int64()), ("review", review),
         ("expert_model", pa.string()), ("expert_queries", pa.int64()),
         ("expert_tokens", pa.int64()), ("strategy", pa.string()),
         ("policy_checkpoint", pa.string()),
     ])
 
-
-_write_json = write_json
-_read_manifest = read_manifest
 
 
 @dataclass
@@ -717,7 +738,6 @@ def _build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> dict:
     if budget is not None:
         ray.kill(budget)
 
-    by_seed = {s.id: s for s in seeds}
     rows = []
     for r in results:
         if r["incomplete"]:
@@ -727,8 +747,9 @@ def _build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> dict:
                 "id": pair_id(seed_id=r["seed_id"], strategy=strategy, actions=c["actions"],
                               step=c["evolution_step"]),
                 "seed_id": r["seed_id"], "seed_instruction": r["instruction"],
-                "instruction": c["instruction"], "response": c["response"],
-                "actions": c["actions"], "evolution_step": c["evolution_step"],
+                "instruction": c["instruction"], "input": c["input"],
+                "response": c["response"], "actions": c["actions"],
+                "evolution_step": c["evolution_step"],
                 "review": c["review"], "expert_model": cfg.models.expert.model,
                 "expert_queries": c["expert_queries"], "expert_tokens": c["expert_tokens"],
                 "strategy": strategy, "policy_checkpoint": checkpoint,
@@ -738,7 +759,7 @@ def _build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> dict:
     encoder = TextEncoder(cfg.models.encoder)
     kept, exact, near = dedupe(rows, threshold=cfg.dataset.dedupe_threshold,
                                encode=encoder.encode)
-    files = _write_outputs(out_dir, kept, by_seed)
+    files = _write_outputs(out_dir, kept)
     if metrics is not None and kept:
         metrics.pairs.inc(len(kept), tags={"strategy": strategy})
 
@@ -786,8 +807,12 @@ def _build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> dict:
     return manifest
 
 
-def _write_outputs(out_dir: Path, rows: list[dict], seeds: dict[str, Seed]) -> dict[str, Any]:
-    """Parquet shards, Alpaca JSON and chat JSONL; each replaced atomically as a whole."""
+def _write_outputs(out_dir: Path, rows: list[dict]) -> dict[str, Any]:
+    """Parquet shards, Alpaca JSON and chat JSONL; each replaced atomically as a whole.
+
+    All three come from the same rows: a pair's input is its row's (the seed's, or ""
+    after an action that replaced the task), and the chat user turn is ``task_text`` of
+    instruction and input, the prompt SFT builds (``train.data``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -805,18 +830,15 @@ def _write_outputs(out_dir: Path, rows: list[dict], seeds: dict[str, Seed]) -> d
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
 
-    alpaca = [{"instruction": r["instruction"], "input": "", "output": r["response"]}
+    alpaca = [{"instruction": r["instruction"], "input": r["input"], "output": r["response"]}
               for r in rows]
-    for a, r in zip(alpaca, rows, strict=True):
-        seed = seeds.get(r["seed_id"])
-        a["input"] = seed.input if seed else ""
-    _write_json(out_dir / "alpaca.json", alpaca)
+    write_json(out_dir / "alpaca.json", alpaca)
     tmp = out_dir / "chat.jsonl.tmp"
     with tmp.open("w") as f:
-        for a in alpaca:
-            user = f"{a['instruction']}\n\n{a['input']}" if a["input"] else a["instruction"]
+        for r in rows:
+            user = task_text(r["instruction"], r["input"])
             f.write(json.dumps({"messages": [{"role": "user", "content": user},
-                                             {"role": "assistant", "content": a["output"]}]})
+                                             {"role": "assistant", "content": r["response"]}]})
                     + "\n")
     os.replace(tmp, out_dir / "chat.jsonl")
     return {"parquet": shards, "alpaca": "alpaca.json", "chat": "chat.jsonl"}

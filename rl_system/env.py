@@ -1,13 +1,19 @@
 """``InstructionEvolutionEnv``: the MDP of TeaMs-RL's stage 1 (gymnasium).
 
-An episode starts from a seed instruction. Each step the policy picks an evolution
-action (``rl_system.actions``); the instructor LLM rewrites the instruction with it and
-the reviewer scores the rewrite (``rl_system.reviewer``): the reward is the review's
-weighted sum. A surviving rewrite becomes the current instruction; an eliminated one is
-dropped. ``stop`` ends the episode without a query; ``max_steps`` truncates it (paper: 6).
+An episode starts from a seed task (an instruction and the input it refers to, if any).
+Each step the policy picks an evolution action (``rl_system.actions``); the step itself
+(the instructor's rewrite, the reviewer's score, elimination) is ``rl_system.evolution``'s,
+the same one stage 2 takes, and the reward is the review's weighted sum. A surviving
+rewrite becomes the current task; an eliminated one is dropped. ``stop`` ends the episode
+without a query, and so does reaching ``max_steps`` (paper: 6): both are *terminated*,
+since the step count is part of the observation, so a value estimate never bootstraps
+from a state the policy never acts in.
 
-A model call that fails or times out does not crash the run: the step becomes a failed
-evolution with ``reward.failure_penalty`` and is counted in the step's info.
+A model call that fails does not crash the run. Rejected as it stands (a non-transient
+``LLMCallError``): a failed evolution with ``reward.failure_penalty``, counted in the
+step's info (``failed``). Failed transiently (overload, timeout, a dead replica, the
+network): the episode ends *truncated* with reward 0 and ``infra_failure`` in the info,
+so an outage never teaches the policy anything.
 """
 
 from __future__ import annotations
@@ -17,21 +23,29 @@ import logging
 import gymnasium as gym
 import numpy as np
 
-from rl_system.actions import ACTIONS
+from rl_system.actions import ACTIONS, action_space, decode_action
 from rl_system.config import TeamsRLConfig
 from rl_system.encoders import TextEncoder, build_encoder
+from rl_system.reviewer import REVIEW_SCORES
+from rl_system.tasks import Task
 
 logger = logging.getLogger(__name__)
 
 # Keys of every step's info dict, numeric so RLlib can aggregate them.
-INFO_KEYS = (
-    "queried", "failed", "eliminated", "info_gain", "info_gain_raw", "info_gain_first_order",
-    "info_gain_second_order", "self_pair", "diversity", "query_cost",
-)
+INFO_KEYS = ("queried", "failed", "infra_failure", "eliminated", *REVIEW_SCORES)
+
+
+def env_seeds(config) -> list[Task]:
+    """The seed tasks of an env config: ``seeds`` (``Seed``s, ``{"instruction", "input"}``
+    mappings or strings), or the older ``seed_instructions`` (strings)."""
+    items = config.get("seeds")
+    if items is None:
+        items = config.get("seed_instructions", [])
+    return [Task.of(item) for item in items]
 
 
 class InstructionEvolutionEnv(gym.Env):
-    """``config``: ``{"run_config": <TeamsRLConfig as a mapping>, "seed_instructions": [...]}``.
+    """``config``: ``{"run_config": <TeamsRLConfig as a mapping>, "seeds": [...]}``.
 
     RLlib passes an ``EnvContext`` (a dict with ``worker_index`` / ``vector_index``); the
     seed order differs per copy so parallel env runners explore different seeds.
@@ -41,7 +55,7 @@ class InstructionEvolutionEnv(gym.Env):
 
     def __init__(self, config: dict):
         cfg = TeamsRLConfig.model_validate(config["run_config"])
-        seeds = list(config["seed_instructions"])
+        seeds = env_seeds(config)
         if not seeds:
             raise ValueError("InstructionEvolutionEnv needs at least one seed instruction")
         self.cfg = cfg
@@ -53,21 +67,22 @@ class InstructionEvolutionEnv(gym.Env):
         self.observation_space = gym.spaces.Box(
             -np.inf, np.inf, shape=(self.encoder.size,), dtype=np.float32
         )
-        if cfg.policy.action_space == "continuous":
-            # The paper's form: a score per action, the arg-max is applied.
-            self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(len(ACTIONS),), dtype=np.float32)
-        else:
-            self.action_space = gym.spaces.Discrete(len(ACTIONS))
-        copy_index = 1000 * int(getattr(config, "worker_index", 0)) + int(
-            getattr(config, "vector_index", 0)
+        self.action_kind = cfg.policy.action_space
+        self.action_space = action_space(self.action_kind)
+        copy_index = 1000 * int(getattr(config, "worker_index", 0) or 0) + int(
+            getattr(config, "vector_index", 0) or 0
         )
         self._rng = np.random.default_rng(cfg.policy.seed + copy_index)
         self._instructor = None
         self._reviewer = None
-        self.instruction = ""
-        self.history: list[str] = []
+        self.task = Task("")
+        self.history: list[Task] = []
         self.step_count = 0
         self.last_action: int | None = None
+
+    @property
+    def instruction(self) -> str:
+        return self.task.instruction
 
     # Model clients are built on first use, inside the env runner process.
     def _clients(self):
@@ -88,23 +103,21 @@ class InstructionEvolutionEnv(gym.Env):
 
     def _obs(self) -> np.ndarray:
         return self.encoder.encode(
-            instruction=self.instruction, last_action=self.last_action, step=self.step_count
+            instruction=self.task.instruction, last_action=self.last_action, step=self.step_count
         )
 
     def _decode(self, action) -> int:
-        if isinstance(self.action_space, gym.spaces.Box):
-            return int(np.argmax(np.asarray(action)))
-        return int(action)
+        return decode_action(action, self.action_kind)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         if seed is not None:
             self._rng = np.random.default_rng(seed)
         if options and "instruction" in options:
-            self.instruction = str(options["instruction"])
+            self.task = Task(str(options["instruction"]), str(options.get("input") or ""))
         else:
-            self.instruction = self.seeds[int(self._rng.integers(len(self.seeds)))]
-        self.history = [self.instruction]
+            self.task = self.seeds[int(self._rng.integers(len(self.seeds)))]
+        self.history = [self.task]
         self.step_count = 0
         self.last_action = None
         return self._obs(), {}
@@ -116,33 +129,37 @@ class InstructionEvolutionEnv(gym.Env):
         self.last_action = index
         info = dict.fromkeys(INFO_KEYS, 0.0)
         info["action"] = index
-        reward, terminated = 0.0, False
+        reward, terminated, truncated = 0.0, False, False
         if not chosen.queries_model:
             terminated = True
         else:
-            reward = self._evolve(chosen, info)
-        truncated = not terminated and self.step_count >= self.max_steps
+            reward, truncated = self._evolve(chosen, info)
+        terminated = terminated or (not truncated and self.step_count >= self.max_steps)
         return self._obs(), float(reward), terminated, truncated, info
 
-    def _evolve(self, chosen, info: dict) -> float:
-        from serve.client import LLMCallError
+    def _evolve(self, chosen, info: dict) -> tuple[float, bool]:
+        """One evolution; returns (reward, truncated)."""
+        from rl_system.evolution import evolve
 
         instructor, reviewer = self._clients()
         info["queried"] = 1.0
-        before = self.instruction
-        try:
-            [completion] = instructor.generate([chosen.messages(before)])
-            review = reviewer.review(before, completion.text, history=self.history)
-        except LLMCallError as exc:
-            logger.warning("failed evolution (%s): %s", chosen.name, exc)
+        step = evolve(self.task, chosen, rewriter=instructor, reviewer=reviewer,
+                      history=self.history)
+        if step.outcome == "infra_failure":
+            logger.warning("evolution (%s) hit a transient failure; the episode ends "
+                           "unlearned: %s", chosen.name, step.error)
+            info["failed"] = info["infra_failure"] = 1.0
+            info["query_cost"] = float(step.queries)
+            return 0.0, True
+        if step.outcome == "failed":
+            logger.warning("failed evolution (%s): %s", chosen.name, step.error)
             info["failed"] = 1.0
-            info["query_cost"] = 1.0
-            return -self.cfg.policy.reward.failure_penalty
-        for key in ("info_gain", "info_gain_raw", "info_gain_first_order",
-                    "info_gain_second_order", "self_pair", "diversity", "query_cost"):
-            info[key] = float(getattr(review, key))
-        info["eliminated"] = float(review.eliminated is not None)
-        if review.eliminated is None:
-            self.instruction = completion.text
-            self.history.append(completion.text)
-        return review.reward
+            info["query_cost"] = float(step.queries)
+            return -self.cfg.policy.reward.failure_penalty, False
+        for key in REVIEW_SCORES:
+            info[key] = float(getattr(step.review, key))
+        info["eliminated"] = float(step.outcome == "eliminated")
+        if step.kept:
+            self.task = step.task
+            self.history.append(step.task)
+        return step.review.reward, False

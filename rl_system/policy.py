@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from rl_system.rundir import (
     run_lock,
     write_manifest,
 )
-from rl_system.seeds import load_seeds
+from rl_system.seeds import Seed, load_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +68,11 @@ def _lineage_hash(cfg: TeamsRLConfig) -> str:
                         "policy": policy})
 
 
-def load_seed_instructions(cfg: TeamsRLConfig) -> list[str]:
-    """Read and check the seeds before any Ray work (an empty set is refused)."""
+def load_policy_seeds(cfg: TeamsRLConfig) -> list[Seed]:
+    """Read and check the seeds before any Ray work (an empty set is refused).
+
+    The env gets whole seeds: an episode evolves an instruction together with its input.
+    """
     seed_set = load_seeds(
         cfg.dataset.seeds, limit=cfg.dataset.num_seeds, skip_bad_lines=cfg.dataset.skip_bad_lines
     )
@@ -80,12 +83,20 @@ def load_seed_instructions(cfg: TeamsRLConfig) -> list[str]:
             seed_set.skipped_bad,
             seed_set.skipped_empty,
         )
-    return [s.instruction for s in seed_set.seeds]
+    return list(seed_set.seeds)
+
+
+def load_seed_instructions(cfg: TeamsRLConfig) -> list[str]:
+    """The seeds' instructions only (a check before Ray starts); training uses
+    :func:`load_policy_seeds`."""
+    return [s.instruction for s in load_policy_seeds(cfg)]
 
 
 def evolution_metrics_callback():
     """An ``RLlibCallback`` that logs the reviewer's components per episode."""
     from ray.rllib.callbacks.callbacks import RLlibCallback
+
+    from rl_system.reviewer import REVIEW_SCORES
 
     class EvolutionMetrics(RLlibCallback):
         def on_episode_end(self, *, episode, metrics_logger=None, **kwargs) -> None:
@@ -107,22 +118,21 @@ def evolution_metrics_callback():
                     sum(i["eliminated"] for i in evolved) / n,
                     reduce="mean",
                 )
-                for key in (
-                    "info_gain",
-                    "info_gain_raw",
-                    "info_gain_first_order",
-                    "info_gain_second_order",
-                    "self_pair",
-                    "diversity",
-                ):
-                    log(f"evolution/{key}", sum(i[key] for i in evolved) / n, reduce="mean")
+                for key in REVIEW_SCORES:
+                    if key != "query_cost":  # logged above, as queries per episode
+                        log(f"evolution/{key}", sum(i[key] for i in evolved) / n, reduce="mean")
+            log("evolution/infra_failures", sum(i.get("infra_failure", 0.0) for i in infos),
+                reduce="mean")
 
     return EvolutionMetrics
 
 
-def algorithm_config(cfg: TeamsRLConfig, seed_instructions: list[str]):
-    """The RLlib ``AlgorithmConfig`` for ``policy.algorithm`` on the evolution env."""
+def algorithm_config(cfg: TeamsRLConfig, seeds: Sequence[Seed | str]):
+    """The RLlib ``AlgorithmConfig`` for ``policy.algorithm`` on the evolution env.
+
+    ``seeds``: ``Seed``s (instruction and input) or bare instructions."""
     from rl_system.env import InstructionEvolutionEnv
+    from rl_system.tasks import Task
 
     p = cfg.policy
     if p.algorithm == "trpo":
@@ -135,7 +145,10 @@ def algorithm_config(cfg: TeamsRLConfig, seed_instructions: list[str]):
         config = PPOConfig().training(
             lr=p.lr, num_epochs=6, minibatch_size=min(60, p.train_batch_size)
         )
-    env_config = {"run_config": cfg.to_portable_dict(), "seed_instructions": seed_instructions}
+    env_config = {
+        "run_config": cfg.to_portable_dict(),
+        "seeds": [{"instruction": t.instruction, "input": t.input} for t in map(Task.of, seeds)],
+    }
     return (
         config.environment(InstructionEvolutionEnv, env_config=env_config)
         .env_runners(
@@ -318,7 +331,7 @@ def train_policy(
 
 
 def _train_policy(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> list[IterationSummary]:
-    seeds = load_seed_instructions(cfg)
+    seeds = load_policy_seeds(cfg)
     policy_dir = cfg.stage_dir("policy").resolve()
     policy_dir.mkdir(parents=True, exist_ok=True)
     lineage = _lineage_hash(cfg)

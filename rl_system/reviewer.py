@@ -9,8 +9,26 @@ self-pair P(not equal | before, before):
 
     info_gain = max(0, raw - self_pair) / (1 - self_pair)
 
-The elimination rules are Evol-Instruct's, kept here as one table that the environment
-and the dataset filter share.
+The elimination rules are Evol-Instruct's (WizardLM, Xu et al. 2023, section 3.3), kept
+here as one catalogue (:data:`ELIMINATION_RULES`) that the environment and the dataset
+filter share. Each rule says what it judges:
+
+1. ``no_info_gain`` (the instruction): the evolution adds no information: its text is
+   the instruction it came from, or its calibrated ``info_gain`` is at most
+   ``policy.reward.min_info_gain`` (default 0: dropped only when the reviewer finds the
+   pair no more unequal than the instruction paired with itself).
+2. ``refusal`` (the expert's response, stage 2): the response is refusal-like ("sorry",
+   "I cannot" ...) and under 80 words, i.e. the evolved instruction is hard to answer.
+3. ``only_punctuation_or_stop_words`` (the expert's response, stage 2): the response
+   has no content word.
+4. ``template_copied`` (the instruction): it copies words of the rewriting request —
+   Evol-Instruct's own ("#Rewritten Prompt#", "given prompt") and ours
+   (``rl_system.actions.REQUEST_PHRASES``), or comes back inside our ``<<< >>>``
+   delimiters. Code inside an instruction (a Python doctest's ``>>>``) is not a copy.
+
+``too_short`` (the instruction: empty, or under three words) is ours, not the paper's.
+Stage 1 has no response, so only the instruction rules apply there (as in WizardLM, where
+rules 2 and 3 can only be checked once the response exists).
 """
 
 from __future__ import annotations
@@ -20,9 +38,13 @@ import re
 import string
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
 
 import numpy as np
+
+from rl_system.actions import REQUEST_PHRASES
+from rl_system.tasks import Task
 
 VERDICTS = ("Equal", "Not Equal")
 
@@ -34,20 +56,24 @@ JUDGE_PROMPT = (
     "Second instruction: <<<{second}>>>"
 )
 
-# Words of our instructor request and of Evol-Instruct's prompts that a rewrite must not echo.
-TEMPLATE_PHRASES = (
+# Rule 4: the words of Evol-Instruct's prompts (its own list and the labels its
+# templates use) plus labels an instructor writes when it echoes a rewriting request;
+# ``REQUEST_PHRASES`` are the words our request itself sends.
+EVOL_INSTRUCT_PHRASES = (
     "given prompt",
     "rewritten prompt",
+    "created prompt",
     "#given",
     "#rewritten",
-    "new instruction:",
-    "original instruction",
-    "rewrite the instruction",
-    "<<<",
-    ">>>",
+    "#created",
 )
+LABEL_PHRASES = ("new instruction:", "rewritten instruction", "original instruction")
+TEMPLATE_PHRASES: tuple[str, ...] = EVOL_INSTRUCT_PHRASES + LABEL_PHRASES + REQUEST_PHRASES
+# Our request's delimiters around the whole reply: an echo of the request, not code.
+_DELIMITED = re.compile(r"^\s*<<<|>>>\s*$")
+
 REFUSAL_PHRASES = ("sorry", "i cannot", "i can't", "i am unable", "as an ai", "i'm unable")
-REFUSAL_MAX_WORDS = 80  # Evol-Instruct: a refusal-like reply shorter than this is dropped
+REFUSAL_MAX_WORDS = 80  # Evol-Instruct: a refusal-like response shorter than this is dropped
 MIN_WORDS = 3
 
 STOP_WORDS = frozenset(
@@ -72,57 +98,92 @@ def _words(text: str) -> list[str]:
 
 
 @dataclass(frozen=True)
+class Evidence:
+    """What the rules judge: an evolution ``before`` -> ``after`` with its calibrated
+    ``info_gain`` (1 = no reviewer score), and, in stage 2, the expert's ``response``."""
+
+    before: Task
+    after: Task
+    info_gain: float = 1.0
+    min_info_gain: float = 0.0
+    response: str = ""
+
+
+@dataclass(frozen=True)
 class EliminationRule:
     name: str
+    judges: Literal["instruction", "response"]
+    source: str  # "Evol-Instruct rule N", or "ours"
     description: str
-    fires: Callable[[str, str, float], bool]  # (before, after, info_gain) -> eliminated?
+    fires: Callable[[Evidence], bool]
 
 
-def _refusal(after: str) -> bool:
-    low = after.lower()
-    return any(p in low for p in REFUSAL_PHRASES) and len(_words(after)) < REFUSAL_MAX_WORDS
+def refusal_like(response: str) -> bool:
+    low = response.lower()
+    return any(p in low for p in REFUSAL_PHRASES) and len(_words(response)) < REFUSAL_MAX_WORDS
 
 
-def _only_filler(after: str) -> bool:
-    stripped = after.translate(str.maketrans("", "", string.punctuation)).strip()
-    return not stripped or all(w in STOP_WORDS for w in _words(after))
+def only_filler(text: str) -> bool:
+    stripped = text.translate(str.maketrans("", "", string.punctuation)).strip()
+    return not stripped or all(w in STOP_WORDS for w in _words(text))
+
+
+def copies_template(instruction: str) -> bool:
+    low = instruction.lower()
+    return any(p in low for p in TEMPLATE_PHRASES) or bool(_DELIMITED.search(instruction))
+
+
+def _no_gain(e: Evidence) -> bool:
+    return _normalise(e.after.text) == _normalise(e.before.text) or e.info_gain <= e.min_info_gain
 
 
 ELIMINATION_RULES: tuple[EliminationRule, ...] = (
     EliminationRule(
-        "only_punctuation_or_stop_words",
-        "the rewrite has no content words",
-        lambda before, after, gain: _only_filler(after),
+        "too_short", "instruction", "ours",
+        f"the evolved instruction is empty or under {MIN_WORDS} words",
+        lambda e: len(_words(e.after.instruction)) < MIN_WORDS,
     ),
     EliminationRule(
-        "refusal_or_too_short",
-        f"refusal-like and under {REFUSAL_MAX_WORDS} words, or under {MIN_WORDS} words",
-        lambda before, after, gain: _refusal(after) or len(_words(after)) < MIN_WORDS,
+        "template_copied", "instruction", "Evol-Instruct rule 4",
+        "the evolved instruction copies words of the rewriting request",
+        lambda e: copies_template(e.after.instruction),
     ),
     EliminationRule(
-        "template_copied",
-        "the rewrite repeats words of the rewriting prompt",
-        lambda before, after, gain: any(p in after.lower() for p in TEMPLATE_PHRASES),
+        "no_info_gain", "instruction", "Evol-Instruct rule 1",
+        "identical to the task it came from, or calibrated info_gain at most "
+        "policy.reward.min_info_gain",
+        _no_gain,
     ),
     EliminationRule(
-        "no_info_gain",
-        "identical to the instruction it came from, or judged no richer",
-        lambda before, after, gain: _normalise(after) == _normalise(before) or gain <= 0.0,
+        "refusal", "response", "Evol-Instruct rule 2",
+        f"the expert's response is refusal-like and under {REFUSAL_MAX_WORDS} words",
+        lambda e: refusal_like(e.response),
+    ),
+    EliminationRule(
+        "only_punctuation_or_stop_words", "response", "Evol-Instruct rule 3",
+        "the expert's response has only punctuation and stop words",
+        lambda e: only_filler(e.response),
     ),
 )
 RULE_NAMES = tuple(r.name for r in ELIMINATION_RULES)
+INSTRUCTION_RULES = tuple(r for r in ELIMINATION_RULES if r.judges == "instruction")
+RESPONSE_RULES = tuple(r for r in ELIMINATION_RULES if r.judges == "response")
 
 
-def eliminate(before: str, after: str, info_gain: float = 1.0, *, min_info_gain: float = 0.0):
-    """The first rule that drops ``after``, or ``None``. ``info_gain`` is the calibrated one.
+def eliminate(before, after, info_gain: float = 1.0, *, min_info_gain: float = 0.0):
+    """The first instruction rule that drops the evolution ``before`` -> ``after``, or
+    ``None``. ``before`` / ``after``: a ``Task`` or an instruction string; ``info_gain``
+    is the calibrated one; without a reviewer score (left at 1) only the textual rules
+    can fire."""
+    evidence = Evidence(Task.of(before), Task.of(after), info_gain, min_info_gain)
+    return next((r.name for r in INSTRUCTION_RULES if r.fires(evidence)), None)
 
-    Without a reviewer score (``info_gain`` left at 1) only the textual rules apply.
-    """
-    gain = info_gain - min_info_gain
-    for rule in ELIMINATION_RULES:
-        if rule.fires(before, after, gain):
-            return rule.name
-    return None
+
+def eliminate_response(response: str, task=None):
+    """The first response rule (Evol-Instruct's 2 and 3) that drops the pair, or ``None``."""
+    task = Task.of(task) if task is not None else Task("")
+    evidence = Evidence(task, task, response=response)
+    return next((r.name for r in RESPONSE_RULES if r.fires(evidence)), None)
 
 
 @dataclass(frozen=True)
@@ -139,6 +200,12 @@ class Review:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# The review's numeric fields, by name (env info keys, metrics, the parquet struct).
+REVIEW_SCORES: tuple[str, ...] = tuple(
+    f.name for f in fields(Review) if f.type in (float, int, "float", "int")
+)
 
 
 def p_not_equal(logprobs: Sequence[float]) -> float:
@@ -188,26 +255,46 @@ class Reviewer:
         vectors = self.text_encoder.encode([after, *history])
         return float(1.0 - np.max(vectors[1:] @ vectors[0]))
 
-    def review(
-        self, before: str, after: str, *, history: Sequence[str] = (), generation_queries: int = 1
-    ) -> Review:
-        """Score ``after`` (an evolution of ``before``); ``history`` = the episode so far."""
-        queries_before = self.client.usage.queries
-        first, second, self_pair, raw = self.info_gain(before, after)
-        calibrated = max(0.0, raw - self_pair) / max(1e-6, 1.0 - self_pair)
-        eliminated = eliminate(
-            before, after, calibrated, min_info_gain=self.reward_cfg.min_info_gain
-        )
-        diversity = self.diversity(after, history or [before])
-        query_cost = generation_queries + (self.client.usage.queries - queries_before)
+    def _reward(self, *, calibrated: float, raw: float, diversity: float, query_cost: int,
+                eliminated: str | None) -> float:
         w = self.reward_cfg
-        reward = (
+        return (
             w.info_gain_weight * calibrated
             + w.info_gain_raw_weight * raw
             + w.diversity_weight * diversity
             - w.query_cost_weight * query_cost
             - (w.elimination_penalty if eliminated else 0.0)
         )
+
+    def review(
+        self, before, after, *, history: Sequence = (), generation_queries: int = 1
+    ) -> Review:
+        """Score ``after`` (an evolution of ``before``); ``history`` = the episode so far.
+
+        ``before`` / ``after`` / ``history`` items: ``Task`` or instruction strings. The
+        reviewer compares whole tasks (instruction and input); diversity compares the
+        instructions. An empty rewrite is eliminated without asking the reviewer.
+        """
+        before, after = Task.of(before), Task.of(after)
+        history = [Task.of(h).instruction for h in history] or [before.instruction]
+        if not after.instruction.strip():
+            eliminated = eliminate(before, after, 0.0,
+                                   min_info_gain=self.reward_cfg.min_info_gain)
+            return Review(
+                info_gain=0.0, info_gain_raw=0.0, info_gain_first_order=0.0,
+                info_gain_second_order=0.0, self_pair=0.0, eliminated=eliminated,
+                diversity=0.0, query_cost=generation_queries,
+                reward=self._reward(calibrated=0.0, raw=0.0, diversity=0.0,
+                                    query_cost=generation_queries, eliminated=eliminated),
+            )
+        queries_before = self.client.usage.queries
+        first, second, self_pair, raw = self.info_gain(before.text, after.text)
+        calibrated = max(0.0, raw - self_pair) / max(1e-6, 1.0 - self_pair)
+        eliminated = eliminate(
+            before, after, calibrated, min_info_gain=self.reward_cfg.min_info_gain
+        )
+        diversity = self.diversity(after.instruction, history)
+        query_cost = generation_queries + (self.client.usage.queries - queries_before)
         return Review(
             info_gain=calibrated,
             info_gain_raw=raw,
@@ -217,5 +304,6 @@ class Reviewer:
             eliminated=eliminated,
             diversity=diversity,
             query_cost=query_cost,
-            reward=reward,
+            reward=self._reward(calibrated=calibrated, raw=raw, diversity=diversity,
+                                query_cost=query_cost, eliminated=eliminated),
         )

@@ -4,8 +4,8 @@ The strategies differ *only* in how the next action is chosen; the expert rewrit
 review and the filter are the same for all of them (``rl_system.dataset``):
 
 - ``policy``: the stage-1 RLlib module picks actions, observing the evolving instruction
-  exactly as the training env does (same encoder, last action, step fraction, and the
-  ``continuous`` arg-max decoding), until ``stop`` or ``policy.max_steps``;
+  exactly as the training env does (same encoder, last action, step fraction) and decoding
+  its output with the env's own ``decode_action``, until ``stop`` or ``policy.max_steps``;
 - ``wizardlm``: the Evol-Instruct baseline, ``dataset.wizardlm_rounds`` rounds of a
   uniformly random depth/breadth operation (never ``stop``);
 - ``random``: uniform over every action including ``stop``, the policy's step budget.
@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from rl_system.actions import ACTIONS, depth_and_breadth
+from rl_system.actions import ACTIONS, decode_action, depth_and_breadth
 from rl_system.config import TeamsRLConfig
 
 # Where ``Algorithm.save_to_path`` puts the single-agent module (checked on RLlib 2.60).
@@ -66,7 +66,7 @@ class PolicyChooser:
         self.encoder = build_encoder(
             cfg.policy.observation, max_steps=cfg.policy.max_steps, text_model=cfg.models.encoder
         )
-        self.continuous = cfg.policy.action_space == "continuous"
+        self.action_kind = cfg.policy.action_space
         self.greedy = cfg.dataset.policy_sampling == "greedy"
 
     def choose(self, *, instruction, last_action, step, rng) -> int:
@@ -76,16 +76,27 @@ class PolicyChooser:
         with torch.no_grad():
             out = self.module.forward_inference({"obs": torch.as_tensor(obs[None])})
         inputs = out["action_dist_inputs"][0].double().numpy()
-        if self.continuous:
-            # Box(len(ACTIONS)) Gaussian: mean then log-std; the env applies the arg-max.
-            mean, log_std = np.split(inputs, 2)
-            noise = 0.0 if self.greedy else np.exp(log_std) * rng.standard_normal(len(mean))
-            scores = mean + noise
-            return int(np.argmax(scores))
-        if self.greedy:
-            return int(np.argmax(inputs))
-        probs = np.exp(inputs - inputs.max())
-        return int(rng.choice(len(probs), p=probs / probs.sum()))
+        return decode_action(env_action(inputs, self.action_kind, greedy=self.greedy, rng=rng),
+                             self.action_kind)
+
+
+def env_action(dist_inputs: np.ndarray, kind: str, *, greedy: bool, rng: np.random.Generator):
+    """What RLlib's env runner would hand the env for these action-distribution inputs:
+    a sample (or, ``greedy``, the distribution's mode). Decode it with ``decode_action``.
+
+    ``continuous``: a diagonal Gaussian over one score per action (means, then log-stds),
+    sampled as RLlib's ``TorchDiagGaussian`` does; the action space is unbounded, so
+    nothing squashes or clips it on the way to the env. ``discrete``: a categorical over
+    the logits.
+    """
+    if kind == "continuous":
+        mean, log_std = np.split(np.asarray(dist_inputs, dtype=np.float64), 2)
+        return mean if greedy else mean + np.exp(log_std) * rng.standard_normal(len(mean))
+    logits = np.asarray(dist_inputs, dtype=np.float64)
+    if greedy:
+        return int(np.argmax(logits))
+    probs = np.exp(logits - logits.max())
+    return int(rng.choice(len(probs), p=probs / probs.sum()))
 
 
 @dataclass(frozen=True)

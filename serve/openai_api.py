@@ -69,6 +69,14 @@ _NEUTRAL_VALUES: dict[str, tuple] = {
 _BACKEND_ROLE = {"developer": "system", "tool": "user"}
 
 
+def _nth_choice(gen: GenerationRequest, i: int) -> GenerationRequest:
+    """Choice ``i`` of ``n``: a seeded request gets seed + i, so the n choices differ and
+    each is still reproducible."""
+    if gen.seed is None or i == 0:
+        return gen
+    return gen.model_copy(update={"seed": gen.seed + i})
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -118,6 +126,7 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, description="Sampling seed: same seed, same answer.")
     user: str | None = None  # an end-user id for the caller's logs; changes nothing here
 
     @property
@@ -378,10 +387,10 @@ class OpenAIIngress:
         messages = [m.for_backend() for m in body.messages]
         gen = GenerationRequest(
             messages=messages, max_tokens=max_tokens, temperature=body.temperature,
-            top_p=body.top_p, stop=body.stops, role=role,
+            top_p=body.top_p, stop=body.stops, seed=body.seed, role=role,
         )
         results = await asyncio.gather(
-            *(_call(server.generate.remote(gen)) for _ in range(body.n))
+            *(_call(server.generate.remote(_nth_choice(gen, i))) for i in range(body.n))
         )
         logprobs = [None] * len(results)
         if body.logprobs:
@@ -442,8 +451,8 @@ class OpenAIIngress:
             raise OpenAIError(400, "logprobs are not available with stream", param="logprobs")
         role = self._role(request)
         jobs = [(p, j) for p in prompts for j in range(body.n)]  # OpenAI's choice order
-        choices = await asyncio.gather(*(self._one_completion(server, body, p, role)
-                                         for p, _ in jobs))
+        choices = await asyncio.gather(*(self._one_completion(server, body, p, role, choice=j)
+                                         for p, j in jobs))
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": body.model}
         usage = _usage(sum(c["prompt_tokens"] for c in choices[:: body.n]),
@@ -461,14 +470,15 @@ class OpenAIIngress:
             "usage": usage,
         }
 
-    async def _one_completion(self, server, body: CompletionRequest, prompt: str, role: str):
+    async def _one_completion(self, server, body: CompletionRequest, prompt: str, role: str,
+                              *, choice: int = 0):
         text, prompt_tokens, completion_tokens, finish = "", 0, 0, "stop"
         if body.max_tokens > 0:
             gen = GenerationRequest(
                 prompt=prompt, max_tokens=body.max_tokens, temperature=body.temperature,
-                top_p=body.top_p, stop=body.stops, role=role,
+                top_p=body.top_p, stop=body.stops, seed=body.seed, role=role,
             )
-            result = await _call(server.generate.remote(gen))
+            result = await _call(server.generate.remote(_nth_choice(gen, choice)))
             text, prompt_tokens = result.text, result.prompt_tokens
             completion_tokens, finish = result.completion_tokens, result.finish_reason
         logprobs = None

@@ -26,6 +26,11 @@ class GenerationRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(128, ge=1)
     stop: list[str] | None = None
+    seed: int | None = Field(
+        None, ge=0,
+        description="Sampling seed of this request alone: the same request with the same "
+        "seed samples the same completion, whatever it is batched with.",
+    )
     role: str = Field("default", description="Who asks (instructor, reviewer, expert, http).")
 
     @model_validator(mode="after")

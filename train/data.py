@@ -1,13 +1,16 @@
 """SFT examples from dataset records: template, tokenization, prompt-masked labels, packing.
 
 A record (DESIGN §3; one parquet row) carries at least ``instruction`` and ``response``,
-optionally ``input`` (Alpaca exports). One record becomes one training example::
+optionally ``input`` (stage 2 writes it: the seed's input, "" when there is none). One
+record becomes one training example::
 
     input_ids = prompt tokens + response tokens + end-of-turn token
     labels    = -100 on every prompt token, else the token itself
 
-The prompt is the tokenizer's chat template (a single user turn, then the generation
-prompt) when the model has one, else the Alpaca template. Examples longer than
+The prompt is the tokenizer's chat template (a single user turn, the instruction and
+input as ``rl_system.tasks.task_text`` renders them for the expert and the chat export,
+then the generation prompt) when the model has one, else the Alpaca template (with its
+``### Input:`` section, as the Alpaca export is read). Examples longer than
 ``max_seq_len`` are cut from the right and counted; one with no response token left is
 dropped. With packing, consecutive examples share one row of at most ``max_seq_len``
 tokens; ``seq_lens`` records their lengths and :func:`collate` turns it into position ids
@@ -31,6 +34,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rl_system.tasks import task_text
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 REQUIRED_COLUMNS = ("instruction", "response")
@@ -80,9 +85,9 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 
 def _user_content(record: Mapping[str, Any]) -> str:
-    extra = record.get("input")
-    instruction = str(record["instruction"])
-    return f"{instruction}\n\n{extra}" if extra else instruction
+    """The user turn: instruction and input rendered as stage 2's chat export and the
+    expert's request render them (``rl_system.tasks.task_text``)."""
+    return task_text(record["instruction"], record.get("input") or "")
 
 
 def prompt_text(record: Mapping[str, Any], tokenizer: Any) -> str:

@@ -143,7 +143,7 @@ class TransformersBackend:
                 completions = [_gone() for _ in group]
             else:
                 completions = self._generate_group(
-                    group[0][1], [ids for _, _, ids in group], cancelled
+                    [r for _, r, _ in group], [ids for _, _, ids in group], cancelled
                 )
             for (i, _, _), completion in zip(group, completions, strict=True):
                 results[i] = completion
@@ -151,27 +151,36 @@ class TransformersBackend:
 
     @staticmethod
     def _sampling_key(r: GenerationRequest) -> tuple:
-        return (r.temperature, r.top_p, r.max_tokens, tuple(r.stop or ()))
+        seeded = r.seed is not None and r.temperature > 0
+        return (r.temperature, r.top_p, r.max_tokens, tuple(r.stop or ()), seeded)
 
     def _generate_group(
-        self, first: GenerationRequest, rows: list[list[int]], cancelled: Cancelled | None
+        self, requests: list[GenerationRequest], rows: list[list[int]],
+        cancelled: Cancelled | None,
     ) -> list[Completion]:
+        """``requests`` share their sampling settings (``_sampling_key``); ``rows`` are
+        their prompt token ids."""
         import torch
         from transformers import StoppingCriteriaList
 
         tok, model = self._tokenizer, self._model
+        first = requests[0]
         input_ids, attention = self._pad(rows, side="left")
         sample = first.temperature > 0
         stopping = StoppingCriteriaList([_StopWhen(cancelled)] if cancelled else [])
+        seeded = sample and first.seed is not None  # the whole group is (_sampling_key)
         with torch.inference_mode():
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention,
                 max_new_tokens=first.max_tokens,
-                do_sample=sample,
-                temperature=first.temperature if sample else None,
-                top_p=first.top_p if sample else None,
+                # A seeded group samples through its own per-row generators (greedy on
+                # Gumbel-perturbed scores), so transformers' sampler stays off.
+                do_sample=sample and not seeded,
+                temperature=first.temperature if sample and not seeded else None,
+                top_p=first.top_p if sample and not seeded else None,
                 top_k=None,
+                logits_processor=_seeded_sampling(requests, self._device) if seeded else None,
                 pad_token_id=self._pad_id,
                 stop_strings=first.stop or None,
                 tokenizer=tok if first.stop else None,
@@ -308,6 +317,37 @@ class _StopWhen:
 
 def _gone() -> BackendError:
     return BackendError("cancelled: the caller stopped waiting", transient=True)
+
+
+def _seeded_sampling(requests: list[GenerationRequest], device):
+    """Sampling with one ``torch.Generator`` per request (``GenerationRequest.seed``).
+
+    Temperature and top-p as transformers applies them, then the Gumbel-max trick: the
+    arg-max of ``scores + Gumbel noise`` is a sample of ``softmax(scores)``. Each row draws
+    its noise from its own generator, so a request's completion depends on its seed and
+    not on which requests share its batch (up to the batch's padding arithmetic).
+    """
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    generators = [torch.Generator(device=device).manual_seed(int(r.seed)) for r in requests]
+
+    class _Gumbel(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
+                             for g in generators])
+            tiny = torch.finfo(u.dtype).tiny
+            return scores + (-torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))).to(scores.dtype)
+
+    first = requests[0]
+    warpers = [TemperatureLogitsWarper(first.temperature)]
+    if first.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(first.top_p))
+    return LogitsProcessorList([*warpers, _Gumbel()])
 
 
 def _as_list(x) -> list:

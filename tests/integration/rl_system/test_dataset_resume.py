@@ -176,7 +176,7 @@ def test_bad_seeds_and_empty_rewrites(scripted, tmp_path):
     manifest = build_dataset(cfg)
     s = manifest["summary"]
     assert (s["seeds_read"], s["seeds_skipped_bad"], s["seeds_skipped_empty"]) == (2, 1, 1)
-    assert s["evolutions_failed"] == 2  # seed d: both rewrites came back empty
+    assert s["eliminated"]["too_short"] == 2  # seed d: both rewrites came back empty
     seeds_in_rows = set(pq.read_table(cfg.stage_dir("dataset") / "data")
                         .column("seed_id").to_pylist())
     assert seeds_in_rows == {"a"}

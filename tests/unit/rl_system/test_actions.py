@@ -25,3 +25,33 @@ def test_unknown_action_lists_known_names():
         assert "add_constraints" in str(exc)
     else:
         raise AssertionError("expected KeyError")
+
+
+def test_the_request_shows_the_input_and_only_breadth_replaces_the_task():
+    memo = "Memo: the launch moved from May 3 to May 17; QA needs two more weeks."
+    replacing = [a.name for a in ACTIONS if a.replaces_task]
+    assert replacing == ["breadth"]  # a property of the entry, not a name check elsewhere
+    for action in depth_and_breadth():
+        text = action.messages("Summarise the memo.", memo)[0]["content"]
+        assert "<<<Summarise the memo.>>>" in text and text.endswith(memo)
+        assert action.input_after(memo) == ("" if action.replaces_task else memo)
+        assert ("without any input" in text) == action.replaces_task
+    # no input, no input section
+    plain = action_by_name("deepening").messages("Summarise the memo.")[0]["content"]
+    assert plain.endswith("<<<Summarise the memo.>>>")
+
+
+def test_one_decoding_of_policy_outputs():
+    import gymnasium as gym
+    import numpy as np
+
+    from rl_system.actions import action_space, decode_action
+
+    box = action_space("continuous")
+    # Unbounded: RLlib's env runner neither squashes nor clips it (no ties at the bound).
+    assert isinstance(box, gym.spaces.Box) and box.shape == (len(ACTIONS),)
+    assert not box.bounded_above.any() and not box.bounded_below.any()
+    scores = np.array([3.0, 1.5, 2.0, -1.0, 0.0, 1.1, 4.0])
+    assert decode_action(scores, "continuous") == 6
+    assert action_space("discrete") == gym.spaces.Discrete(len(ACTIONS))
+    assert decode_action(np.int64(3), "discrete") == 3 and decode_action(2, "discrete") == 2

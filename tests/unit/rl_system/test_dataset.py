@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from rl_system.actions import ACTIONS, STOP
+from rl_system.actions import ACTIONS, STOP, action_by_name
 from rl_system.config import load_config
 from rl_system.dataset import (
     BudgetExhausted,
@@ -16,10 +17,12 @@ from rl_system.dataset import (
     config_hash,
     dedupe,
     pair_id,
+    request_key,
+    request_seed,
     row_schema,
     run_episode,
 )
-from rl_system.reviewer import Reviewer
+from rl_system.reviewer import REVIEW_SCORES, Review, Reviewer
 from rl_system.seeds import Seed
 from rl_system.strategies import (
     STRATEGIES,
@@ -36,20 +39,27 @@ class FakeClient:
     """Stands in for ``LLMClient``: appends a word; reviewer prefers 'Not Equal' if texts differ."""
 
     def __init__(self, role, *, fail_on: str | None = None, empty: bool = False,
-                 transient: bool = False):
+                 transient: bool = True, reply: str | None = None):
         self.role = role
-        self.defaults = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16}
+        self.defaults = {"temperature": 0.7, "top_p": 0.95, "max_tokens": 16}
         self.usage = Usage()
-        self.fail_on, self.empty, self.transient = fail_on, empty, transient
+        self.fail_on, self.empty, self.transient, self.reply = fail_on, empty, transient, reply
+        self.requests: list[str] = []
+        self.sent: list = []
 
     def generate(self, requests, return_exceptions=False):
         out = []
         for r in requests:
             self.usage.queries += 1
             text = r.messages[-1].content
+            self.requests.append(text)
+            self.sent.append(r)
             if self.fail_on and self.fail_on in text:
                 self.usage.failures += 1
                 out.append(LLMCallError(self.role, "boom", transient=self.transient))
+                continue
+            if self.reply is not None:
+                out.append(Completion(text=self.reply, prompt_tokens=3, completion_tokens=2))
                 continue
             inner = text.split("<<<")[-1].split(">>>")[0]
             reply = "" if self.empty else f"{inner} carefully"
@@ -101,18 +111,58 @@ def test_stop_ends_episode_without_query(tmp_path):
     assert result.candidates == [] and expert.client.usage.queries == 0
 
 
-def test_errors_and_empty_text_are_failed_evolutions(tmp_path):
-    result, _ = episode(tmp_path, UniformChooser((0,)), fail_on="sky")
+def test_rejected_requests_are_failed_evolutions_and_empty_text_is_eliminated(tmp_path):
+    result, _ = episode(tmp_path, UniformChooser((0,)), fail_on="sky", transient=False)
     assert result.counts["evolutions_failed"] == 3 and result.candidates == []
-    assert not result.incomplete
-
-
-def test_a_transient_error_leaves_the_seed_incomplete(tmp_path):
-    result, _ = episode(tmp_path, UniformChooser((0,)), fail_on="sky", transient=True)
-    assert result.incomplete and result.failure == "expert: boom"
-    assert result.counts["evolutions_failed"] == 0 and result.candidates == []
+    assert not result.incomplete and result.failure == ""
     result, _ = episode(tmp_path / "b", UniformChooser((0,)), empty=True)
-    assert result.counts["evolutions_failed"] == 3 and result.candidates == []
+    assert result.counts["eliminated/too_short"] == 3 and result.candidates == []
+    assert result.counts["evolutions_failed"] == 0
+
+
+def test_a_transient_failure_stops_the_seed_incomplete_naming_the_role(tmp_path):
+    result, expert = episode(tmp_path, UniformChooser((0,)), fail_on="sky")
+    assert result.incomplete and result.failure == "expert: boom"
+    assert result.candidates == [] and expert.client.usage.queries == 1  # stopped at once
+    assert result.counts["evolutions_failed"] == 0 and result.counts["infra_failures"] == 1
+
+
+def test_a_transient_review_failure_stops_the_seed_too(tmp_path):
+    cfg = load_config(None)
+    cache, expert, _ = roles(tmp_path)
+
+    class DownReviewer(FakeClient):
+        def score_many(self, items, return_exceptions=False):
+            self.usage.queries += len(items)
+            return [LLMCallError("reviewer", "timed out") for _ in items]
+
+    reviewer = Reviewer(CachedRole(DownReviewer("reviewer"), cache, model="m"),
+                        reward=cfg.policy.reward)
+    result = run_episode(Seed(id="s", instruction="Explain why the sky is blue."),
+                         chooser=UniformChooser((0,)), rounds=3, expert=expert,
+                         reviewer=reviewer, rng=np.random.default_rng(0))
+    assert result.incomplete and result.failure == "reviewer: timed out"
+
+
+def test_episode_carries_the_seed_input_and_breadth_drops_it(tmp_path):
+    cfg = load_config(None)
+    _, expert, reviewer_role = roles(tmp_path)
+    memo = "Memo: the launch moved from May 3 to May 17."
+    breadth = ACTIONS.index(action_by_name("breadth"))
+    steps = iter([0, 1, breadth, 0])
+
+    class Path:
+        def choose(self, **kwargs):
+            return next(steps)
+
+    result = run_episode(Seed(id="s", instruction="Summarise the memo.", input=memo),
+                         chooser=Path(), rounds=4, expert=expert,
+                         reviewer=Reviewer(reviewer_role, reward=cfg.policy.reward),
+                         rng=np.random.default_rng(0))
+    inputs = [(c["actions"][-1], c["input"]) for c in result.candidates]
+    assert inputs == [("add_constraints", memo), ("deepening", memo), ("breadth", ""),
+                      ("add_constraints", "")]
+    assert all(memo in r for r in expert.client.requests[:3])
 
 
 def test_cache_replays_without_paying_and_tolerates_torn_line(tmp_path):
@@ -206,12 +256,124 @@ def test_config_hash_ignores_budget_but_not_experiment():
 
 
 def test_row_schema_matches_design():
+    import pyarrow as pa
+
     assert row_schema().names == [
-        "id", "seed_id", "seed_instruction", "instruction", "response", "actions",
+        "id", "seed_id", "seed_instruction", "instruction", "input", "response", "actions",
         "evolution_step", "review", "expert_model", "expert_queries", "expert_tokens",
         "strategy", "policy_checkpoint",
     ]
-    assert json.dumps(row_schema().field("review").type.names)
+    review = row_schema().field("review").type
+    assert [review.field(i).name for i in range(review.num_fields)] == [
+        f.name for f in dataclasses.fields(Review)]
+    assert review.field("eliminated").type == pa.string()
+    assert review.field("query_cost").type == pa.int64()
+    assert all(review.field(k).type == pa.float64() for k in REVIEW_SCORES if k != "query_cost")
+    assert row_schema().field("input").type == pa.string()
+
+
+def test_expert_requests_carry_a_seed_from_their_request_hash(tmp_path):
+    from serve.protocol import GenerationRequest
+
+    cache, expert, _ = roles(tmp_path)
+    a = [{"role": "user", "content": "Name a prime."}]
+    b = [{"role": "user", "content": "Name a river."}]
+    expert.generate([a, b])
+    sent = expert.client.sent
+    payload = GenerationRequest(messages=a, **expert.client.defaults).model_dump(
+        mode="json", exclude={"role", "seed"})
+    key = request_key("generate", "m", payload)
+    assert sent[0].seed == request_seed(key) and sent[0].seed != sent[1].seed
+    assert cache.get(key) is not None  # the cache key is the request without its seed
+    # as configured: the expert's own sampling, not a forced greedy temperature
+    assert sent[0].temperature == 0.7 and sent[0].top_p == 0.95
+    # the same request asked again (another run) carries the same seed
+    _, again, _ = roles(tmp_path / "other")
+    again.generate([a])
+    assert again.client.sent[0].seed == sent[0].seed
+
+
+def test_the_stage_2_expert_samples_as_configured(tmp_path):
+    from rl_system.dataset import _ModelStage
+
+    cfg = load_config(None, ["models.expert.sampling.temperature=0.9"])
+    assert cfg.dataset.expert_temperature is None
+    stage = _ModelStage(run_config=cfg.to_portable_dict(), cache_dir=str(tmp_path),
+                        budget=None, secrets={})
+    assert stage.expert.client.defaults["temperature"] == 0.9
+    cfg.dataset.expert_temperature = 0.0  # an explicit override still works
+    stage = _ModelStage(run_config=cfg.to_portable_dict(), cache_dir=str(tmp_path),
+                        budget=None, secrets={})
+    assert stage.expert.client.defaults["temperature"] == 0.0
+
+
+def _respond(tmp_path, candidates, **expert_kwargs):
+    import pyarrow as pa
+
+    from rl_system.dataset import RespondStage
+
+    stage = object.__new__(RespondStage)  # the actor's logic without Ray
+    stage.cfg = load_config(None)
+    _, stage.expert, _ = roles(tmp_path, **expert_kwargs)
+    row = {"seed_index": 0, "seed_id": "s", "instruction": "Summarise the memo.",
+           "input": "Memo.", "candidates": json.dumps(candidates), "counts": "{}",
+           "incomplete": False, "failure": "", "usage": json.dumps(
+               {"expert": dict.fromkeys(("queries", "cached", "prompt_tokens",
+                                         "completion_tokens", "failures"), 0)})}
+    [out] = stage(pa.Table.from_pylist([row])).to_pylist()
+    return out, stage.expert.client
+
+
+def _candidate(instruction, input_text=""):
+    return {"evolution_step": 1, "actions": ["deepening"], "instruction": instruction,
+            "input": input_text, "review": {}, "expert_queries": 1, "expert_tokens": 5}
+
+
+def test_respond_asks_with_the_input_and_applies_the_response_rules(tmp_path):
+    out, expert = _respond(tmp_path, [_candidate("Summarise the memo.", "Memo: Friday.")])
+    kept = json.loads(out["candidates"])
+    assert expert.requests == ["Summarise the memo.\n\nMemo: Friday."]
+    assert len(kept) == 1 and kept[0]["input"] == "Memo: Friday." and not out["incomplete"]
+    out, _ = _respond(tmp_path / "r", [_candidate("Say sorry politely.")],
+                      reply="I'm sorry, but I cannot help with that.")
+    assert json.loads(out["candidates"]) == []
+    assert json.loads(out["counts"]) == {"eliminated/refusal": 1}
+    out, _ = _respond(tmp_path / "e", [_candidate("Say sorry politely.")], reply="...")
+    assert json.loads(out["counts"]) == {"eliminated/only_punctuation_or_stop_words": 1}
+
+
+def test_respond_marks_a_transient_answer_failure_incomplete(tmp_path):
+    out, _ = _respond(tmp_path, [_candidate("Plan a picnic."), _candidate("Name a sky.")],
+                      fail_on="sky")
+    assert out["incomplete"] and out["failure"] == "expert: boom"
+    assert json.loads(out["candidates"]) == []
+    out, _ = _respond(tmp_path / "b", [_candidate("Plan a picnic."),
+                                       _candidate("Name a sky.")],
+                      fail_on="sky", transient=False)
+    assert not out["incomplete"] and out["failure"] == ""
+    assert len(json.loads(out["candidates"])) == 1
+    assert json.loads(out["counts"]) == {"responses_failed": 1}
+
+
+def test_exports_take_the_input_from_the_row_and_agree_with_parquet(tmp_path):
+    import pyarrow.parquet as pq
+
+    from rl_system.dataset import _write_outputs
+
+    base = {"seed_id": "s", "seed_instruction": "Summarise the memo.", "actions": ["deepening"],
+            "evolution_step": 1, "review": None, "expert_model": "m", "expert_queries": 1,
+            "expert_tokens": 3, "strategy": "wizardlm", "policy_checkpoint": None}
+    rows = [{**base, "id": "a", "instruction": "Summarise the memo.", "input": "Memo: Friday.",
+             "response": "It moved to Friday."},
+            {**base, "id": "b", "instruction": "Plan a picnic.", "input": "",
+             "response": "Bring bread."}]
+    _write_outputs(tmp_path, rows)
+    table = pq.read_table(tmp_path / "data").to_pylist()
+    alpaca = json.loads((tmp_path / "alpaca.json").read_text())
+    chat = [json.loads(line) for line in (tmp_path / "chat.jsonl").read_text().splitlines()]
+    assert [r["input"] for r in table] == [a["input"] for a in alpaca] == ["Memo: Friday.", ""]
+    assert [c["messages"][0]["content"] for c in chat] == [
+        "Summarise the memo.\n\nMemo: Friday.", "Plan a picnic."]
 
 
 def test_cli_build_dataset_bad_seeds_fail_before_ray(tmp_path, ray_init_calls):

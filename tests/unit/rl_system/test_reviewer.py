@@ -2,8 +2,20 @@ import math
 
 import pytest
 
-from rl_system.config import RewardConfig
-from rl_system.reviewer import RULE_NAMES, Reviewer, eliminate, p_not_equal
+from rl_system.actions import REQUEST_PHRASES, depth_and_breadth
+from rl_system.config import RewardConfig, TeamsRLConfig
+from rl_system.reviewer import (
+    ELIMINATION_RULES,
+    RESPONSE_RULES,
+    REVIEW_SCORES,
+    RULE_NAMES,
+    Review,
+    Reviewer,
+    eliminate,
+    eliminate_response,
+    p_not_equal,
+)
+from rl_system.tasks import Task
 
 SEED = "Write a poem about the sea."
 
@@ -11,20 +23,84 @@ SEED = "Write a poem about the sea."
 @pytest.mark.parametrize(
     ("after", "rule"),
     [
-        ("", "only_punctuation_or_stop_words"),
-        ("... !!! ?", "only_punctuation_or_stop_words"),
-        ("what is the of and to", "only_punctuation_or_stop_words"),
-        ("I'm sorry, but I cannot help with that request.", "refusal_or_too_short"),
-        ("Sea poem.", "refusal_or_too_short"),
+        ("", "too_short"),
+        ("... !!! ?", "too_short"),
+        ("Sea poem.", "too_short"),
         ("#Rewritten Prompt#: Write a poem about the sea at night.", "template_copied"),
         ("Here is the new instruction: write a sonnet.", "template_copied"),
         ("Original instruction: Write a poem about the sea.", "template_copied"),
+        # what the demo kept: the instructor echoing our own request
+        ("The new instruction should ask for a sonnet about the sea at night.",
+         "template_copied"),
+        ("<<<Write a sonnet about the sea at night.>>>", "template_copied"),
         ("write a poem about the sea", "no_info_gain"),
         ("Write a sonnet about the sea at night, in iambic pentameter.", None),
+        # Rules 2 and 3 judge the expert's response, not the instruction (WizardLM 3.3).
+        ("Explain how to say sorry politely to a colleague you upset.", None),
+        ("I'm sorry, but I cannot help with that request.", None),
+        # Code is not a copy of our <<< >>> delimiters.
+        ("Write add(a, b) so that this doctest passes:\n>>> add(2, 3)\n5", None),
+        ('Explain what `cat <<< "$name"` prints in bash, with an example.', None),
+        # Constraints a rewrite may well add are not template words.
+        ("In about 30 words and with no preamble, write a poem about the sea at dawn.", None),
     ],
 )
-def test_elimination_rules(after, rule):
+def test_instruction_rules(after, rule):
     assert eliminate(SEED, after) == rule
+
+
+@pytest.mark.parametrize(
+    ("response", "rule"),
+    [
+        ("I'm sorry, but I cannot help with that request.", "refusal"),
+        ("As an AI, I can't write poems.", "refusal"),
+        ("", "only_punctuation_or_stop_words"),
+        ("... !!! ?", "only_punctuation_or_stop_words"),
+        ("what is the of and to", "only_punctuation_or_stop_words"),
+        ("Sorry is a hard word. " + "The sea rolls in under a grey sky. " * 12, None),
+        ("The sea is wide; the waves are grey and the gulls cry over them.", None),
+    ],
+)
+def test_response_rules_are_evol_instructs_2_and_3(response, rule):
+    assert eliminate_response(response) == rule
+
+
+def test_rules_are_a_catalogue_that_says_what_each_judges():
+    assert RULE_NAMES == tuple(r.name for r in ELIMINATION_RULES)
+    by_name = {r.name: r for r in ELIMINATION_RULES}
+    assert {r.name for r in RESPONSE_RULES} == {"refusal", "only_punctuation_or_stop_words"}
+    assert by_name["no_info_gain"].source == "Evol-Instruct rule 1"
+    assert by_name["template_copied"].judges == "instruction"
+    sources = {r.source for r in ELIMINATION_RULES}
+    assert sources >= {f"Evol-Instruct rule {i}" for i in (1, 2, 3, 4)}
+
+
+def test_rule_4_phrases_are_words_our_requests_send():
+    sent = " ".join(
+        m["content"].lower()
+        for a in depth_and_breadth()
+        for inp in ("", "Memo: the meeting moved to Friday.")
+        for m in a.messages("Summarise the memo.", inp)
+    )
+    assert all(p == p.lower() and p in sent for p in REQUEST_PHRASES)
+    # an instructor that echoes any of our requests back is eliminated by rule 4
+    for action in depth_and_breadth():
+        request = action.messages(SEED, "Some input.")[0]["content"]
+        assert eliminate(SEED, request) == "template_copied"
+
+
+def test_rule_1_threshold_is_the_documented_config_key():
+    field = TeamsRLConfig.model_fields["policy"].annotation.model_fields["reward"]
+    description = field.annotation.model_fields["min_info_gain"].description
+    assert "rule 1" in description and "info_gain" in description
+    assert RewardConfig().min_info_gain == 0.0
+
+
+def test_review_scores_come_from_the_review_dataclass():
+    assert REVIEW_SCORES == ("info_gain", "info_gain_raw", "info_gain_first_order",
+                             "info_gain_second_order", "self_pair", "diversity", "query_cost",
+                             "reward")
+    assert "eliminated" not in REVIEW_SCORES and set(REVIEW_SCORES) < set(Review.__annotations__)
 
 
 def test_low_info_gain_is_eliminated_even_when_text_differs():
@@ -82,3 +158,38 @@ def test_eliminated_rewrite_is_penalised():
     review = Reviewer(client, reward=reward).review(SEED, after)
     assert review.eliminated == "no_info_gain"
     assert review.reward == pytest.approx(-0.5)
+
+
+def test_the_reviewer_compares_whole_tasks_and_rules_judge_the_instruction():
+    """The verdict prompts carry each task's input; rule 4 is not fired by the input."""
+    seen = []
+
+    class Client:
+        usage = type("U", (), {"queries": 0})()
+
+        def score_many(self, items):
+            seen.extend(prompt for prompt, _ in items)
+            return [[math.log(0.1), math.log(0.9)] if "sonnet" in p else
+                    [math.log(0.9), math.log(0.1)] for p, _ in items]
+
+    memo = "Notes: given prompt engineering, the team met on Friday."
+    before, after = Task(SEED, memo), Task("Write a sonnet about the sea in the memo.", memo)
+    review = Reviewer(Client(), reward=RewardConfig(diversity_weight=0)).review(before, after)
+    assert len(seen) == 3 and all(memo in p for p in seen)
+    assert review.eliminated is None and review.info_gain > 0
+
+
+def test_an_empty_rewrite_is_eliminated_without_asking_the_reviewer():
+    client = _FixedScores({})
+    review = Reviewer(client, reward=RewardConfig(elimination_penalty=0.5)).review(SEED, "  ")
+    assert review.eliminated == "too_short" and client.usage.queries == 0
+    assert review.query_cost == 1 and review.reward == pytest.approx(-0.5)
+
+
+def test_min_info_gain_from_config_eliminates_through_the_reviewer():
+    after = "Write a sonnet about the sea at night."
+    client = _FixedScores({(SEED, after): 0.6, (after, SEED): 0.6, (SEED, SEED): 0.2})
+    kept = Reviewer(client, reward=RewardConfig(diversity_weight=0)).review(SEED, after)
+    assert kept.eliminated is None and kept.info_gain == pytest.approx(0.5)
+    strict = RewardConfig(diversity_weight=0, min_info_gain=0.5)
+    assert Reviewer(client, reward=strict).review(SEED, after).eliminated == "no_info_gain"

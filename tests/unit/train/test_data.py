@@ -72,6 +72,29 @@ def test_optional_input_goes_into_the_prompt(tokenizer):
     assert _learned(example, tokenizer) == RECORD["response"] + "<|im_end|>"
 
 
+def test_the_sft_prompt_is_the_chat_exports_user_turn(tokenizer, tmp_path):
+    """One rendering of instruction + input: what stage 2's chat export (and the expert)
+    show is what SFT trains the model to answer."""
+    import json
+
+    from rl_system.dataset import _write_outputs
+    from rl_system.tasks import task_text
+
+    row = {"id": "a", "seed_id": "s", "seed_instruction": "x", "actions": ["deepening"],
+           "evolution_step": 1, "review": None, "expert_model": "m", "expert_queries": 1,
+           "expert_tokens": 1, "strategy": "wizardlm", "policy_checkpoint": None,
+           "instruction": "Summarise the memo in one line.",
+           "input": "Memo: the launch moved to May 17.", "response": "Launch: May 17."}
+    _write_outputs(tmp_path, [row])
+    [chat] = [json.loads(line) for line in (tmp_path / "chat.jsonl").read_text().splitlines()]
+    user_turn = chat["messages"][:1]
+    assert user_turn[0]["content"] == task_text(row["instruction"], row["input"])
+    assert prompt_text(row, tokenizer) == tokenizer.apply_chat_template(
+        user_turn, add_generation_prompt=True, tokenize=False)
+    example = tokenize_example(row, tokenizer, max_seq_len=512)
+    assert row["input"] in _prompt(example, tokenizer)
+
+
 def test_alpaca_template_without_chat_template(plain_tokenizer):
     example = tokenize_example(RECORD, plain_tokenizer, max_seq_len=512)
     prompt = _prompt(example, plain_tokenizer)

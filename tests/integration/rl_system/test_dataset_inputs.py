@@ -1,0 +1,114 @@
+"""Seeds with inputs, end to end (scripted expert and reviewer): every kept row of a seed
+whose action path has no ``breadth`` carries the seed's input in parquet, the Alpaca and
+chat exports and the SFT example built from it; after ``breadth`` the input is gone."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from rl_system.config import load_config
+from rl_system.dataset import build_dataset
+from rl_system.tasks import task_text
+
+pytestmark = pytest.mark.slow
+
+SEEDS = [
+    {"id": "memo", "instruction": "Summarise the memo for the sales team.",
+     "input": "Memo: the launch moved from May 3 to May 17 because QA needs two more weeks."},
+    {"id": "code", "instruction": "Explain what this function returns for n = 4.",
+     "input": "def f(n):\n    return n * f(n - 1) if n else 1"},
+    {"id": "table", "instruction": "Which city in the table is the warmest in July?",
+     "input": "city | July mean\nOslo | 17 C\nMadrid | 26 C\nLima | 15 C"},
+    {"id": "plain", "instruction": "Describe how a bicycle gear works."},
+]
+# One reply per action (keyed by words of its request), so rewrites differ.
+SCRIPT = {
+    "rules": [
+        {"contains": "requirement or limit", "reply": "{instruction} Use at most five lines."},
+        {"contains": "causes, trade-offs", "reply": "{instruction} Explain the reasons behind it."},
+        {"contains": "specific, concrete case", "reply": "{instruction} Take a real example."},
+        {"contains": "several explicit steps", "reply": "{instruction} Show each step in order."},
+        {"contains": "small piece of input data", "reply": "{instruction} Add a worked number."},
+        {"contains": "rarer, less obvious topic",
+         "reply": "Write a short guide to repairing a torn kite sail at the beach."},
+    ],
+    "default": "Answer to: {last_user}",
+    "score": {"prefer": "Not Equal", "when_bracketed_differ": True},
+}
+
+
+@pytest.fixture(scope="module")
+def built(serve_port, tmp_path_factory):
+    from ray import serve
+
+    from serve.app import build_app
+
+    root = tmp_path_factory.mktemp("inputs")
+    seeds = root / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps(s) + "\n" for s in SEEDS))
+    app = "dsinputs"
+    cfg = load_config(None, [
+        f"serve.port={serve_port}", f"serve.app_name={app}", f"run.dir={root / 'runs'}",
+        "models.expert.backend=scripted", f"models.expert.model={app}",
+        "models.reviewer.backend=scripted", f"models.reviewer.model={app}",
+        "models.instructor.backend=scripted", f"models.instructor.model={app}",
+        "dataset.strategy=wizardlm", "dataset.wizardlm_rounds=4", f"dataset.seeds={seeds}",
+        "dataset.dedupe_threshold=1.0", "serve.batch_wait_timeout_s=0",
+    ])
+    cfg.models.expert.script = cfg.models.instructor.script = SCRIPT
+    cfg.models.reviewer.script = SCRIPT
+    serve.run(build_app(cfg), name=app, route_prefix=f"/{app}")
+    try:
+        manifest = build_dataset(cfg)
+    finally:
+        serve.delete(app)
+    return cfg, manifest
+
+
+def test_every_output_carries_the_input_of_its_seed(built):
+    cfg, manifest = built
+    assert manifest["status"] == "complete"
+    out = cfg.stage_dir("dataset")
+    rows = pq.read_table(out / "data").to_pylist()
+    inputs = {s["id"]: s.get("input", "") for s in SEEDS}
+    with_input = [r for r in rows if inputs[r["seed_id"]]]
+    assert any("breadth" in r["actions"] for r in with_input)  # both kinds of path occur
+    assert any("breadth" not in r["actions"] for r in with_input)
+    for r in rows:
+        expected = "" if "breadth" in r["actions"] else inputs[r["seed_id"]]
+        assert r["input"] == expected, r
+        # the expert answered the task with its input (the scripted expert echoes it,
+        # its words joined by single spaces)
+        asked = f"Answer to: {task_text(r['instruction'], expected)}"
+        assert r["response"] == " ".join(asked.split())
+
+    by_id = {r["id"]: r for r in rows}
+    alpaca = json.loads((out / "alpaca.json").read_text())
+    chat = [json.loads(line) for line in (out / "chat.jsonl").read_text().splitlines()]
+    assert len(alpaca) == len(chat) == len(rows)
+    for r, a, c in zip(rows, alpaca, chat, strict=True):
+        assert (a["instruction"], a["input"], a["output"]) == (
+            r["instruction"], r["input"], r["response"])
+        assert c["messages"][0]["content"] == task_text(r["instruction"], r["input"])
+    assert set(by_id) == {r["id"] for r in rows}
+
+
+def test_the_sft_examples_show_the_input(built):
+    from rl_system.config import EMBEDDED_LLM
+    from train.data import load_sft_datasets, load_tokenizer
+
+    cfg, _ = built
+    rows = pq.read_table(cfg.stage_dir("dataset") / "data").to_pylist()
+    data = load_sft_datasets(cfg.stage_dir("dataset") / "data", model_ref=EMBEDDED_LLM,
+                             max_seq_len=512, packing=False, eval_fraction=0.0, seed=0)
+    tokenizer = load_tokenizer(EMBEDDED_LLM)
+    prompts = [tokenizer.decode([t for t, lab in zip(r["input_ids"], r["labels"], strict=True)
+                                 if lab == -100])
+               for r in data.train.take_all()]
+    assert len(prompts) == len(rows)
+    for r in rows:
+        user_turn = task_text(r["instruction"], r["input"])
+        assert sum(f"user\n{user_turn}<|im_end|>" in p for p in prompts) == 1, user_turn
