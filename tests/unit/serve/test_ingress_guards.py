@@ -83,8 +83,8 @@ def test_chat_messages_take_developer_and_tool_roles_text_parts_and_null_content
 @pytest.mark.parametrize("field, value", [
     ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("response_format", {"type": "json_object"}),
-    ("seed", 7),
     ("presence_penalty", 0.5),
+    ("logit_bias", {"50256": -100}),
 ])
 def test_a_field_the_server_cannot_honour_is_refused_by_name(field, value):
     with pytest.raises(ValidationError) as err:
@@ -92,6 +92,18 @@ def test_a_field_the_server_cannot_honour_is_refused_by_name(field, value):
             {"model": "m", "messages": [{"role": "user", "content": "x"}], field: value}
         )
     assert err.value.errors()[0]["loc"] == (field,)
+
+
+def test_a_sampling_seed_is_honoured_and_each_of_n_choices_gets_its_own():
+    from serve.openai_api import _nth_choice
+    from serve.protocol import GenerationRequest
+
+    body = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 7, "n": 3})
+    gen = GenerationRequest(prompt="x", seed=body.seed, temperature=0.7)
+    assert [_nth_choice(gen, i).seed for i in range(body.n)] == [7, 8, 9]
+    unseeded = GenerationRequest(prompt="x")
+    assert _nth_choice(unseeded, 2).seed is None
 
 
 def test_image_parts_and_token_prompts_are_refused():
