@@ -217,8 +217,11 @@ async def _call(response):
 
 
 def _as_openai_error(exc: BaseException) -> OpenAIError:
-    # Ray wraps replica exceptions; the original carries the message meant for users.
-    cause = exc if isinstance(exc, BackendError) else getattr(exc, "cause", None)
+    # Ray wraps replica exceptions in a subclass of the cause's class that lacks the
+    # cause's state: the original carries the message and ``transient`` meant for users.
+    cause = getattr(exc, "cause", None)
+    if not isinstance(cause, BackendError):
+        cause = exc
     if isinstance(cause, BackendTimeoutError):
         return OpenAIError(504, str(cause), kind="timeout_error")
     if isinstance(cause, BackendError):

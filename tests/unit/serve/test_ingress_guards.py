@@ -120,3 +120,20 @@ def test_stream_pieces_join_into_the_text():
     for text in ("Paris is the capital.", "  leading and trailing  ", "one", ""):
         assert "".join(_pieces(text)) == text
     assert len(_pieces("Paris is the capital.")) == 4
+
+
+def test_a_replicas_rejection_is_a_400_even_through_rays_error_wrapper():
+    """The replica's BackendError reaches the ingress as RayTaskError(BackendError), a
+    subclass of the cause's class that reads the class default ``transient=True``: the
+    status must come from the cause, or a too-long prompt is a 502 that clients retry."""
+    from ray.exceptions import RayTaskError
+
+    from serve.openai_api import _as_openai_error
+    from serve.protocol import BackendError
+
+    for transient, status in ((False, 400), (True, 502)):
+        try:
+            raise BackendError("prompt is too long", transient=transient)
+        except BackendError as exc:
+            wrapped = RayTaskError("generate", "traceback", exc).as_instanceof_cause()
+        assert _as_openai_error(wrapped).status == status
