@@ -99,7 +99,7 @@ class Rationale:
     most ``max_tokens``, greedy so a re-run reproduces it), then ``verdict`` is asked."""
 
     verdict: str
-    max_tokens: int = 96
+    max_tokens: int = 64  # three short sentences; the demo's CPU pays per token
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -234,11 +235,26 @@ def run_check(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Score ``pairs`` with each mode through ``client`` (the reviewer's ``LLMClient``)."""
+    from serve.client import LLMCallError
+
     per_pair: dict[str, list[dict]] = {WORD_GAIN: [word_gain(p.before, p.after) for p in pairs]}
     queries: dict[str, int | None] = {WORD_GAIN: 0}
+    failed: dict[str, str] = {}
     for mode in modes:
         log(f"reviewer-check: {mode}: scoring {len(pairs)} pairs ...")
-        per_pair[mode], queries[mode] = score_mode(client, mode, pairs)
+        started = time.monotonic()
+        try:
+            per_pair[mode], queries[mode] = score_mode(client, mode, pairs)
+        except LLMCallError as exc:
+            # one mode's failed call (e.g. a timeout) must not cost the other modes' figures
+            failed[mode] = str(exc)
+            log(f"reviewer-check: {mode}: failed: {exc}")
+            continue
+        wall_s = time.monotonic() - started
+        log(f"reviewer-check: {mode}: {queries[mode]} queries in {wall_s:.0f} s")
+    if modes and len(failed) == len(modes):
+        first = next(iter(failed.values()))
+        raise LLMCallError("reviewer", f"every judge mode failed; the first: {first}")
     summaries = {
         name: {
             "kind": "baseline" if name == WORD_GAIN else "judge",
@@ -256,6 +272,7 @@ def run_check(
         "min_info_gain": min_info_gain,
         "bootstrap": {"draws": draws, "seed": seed, "resampling": "pairs, within each class"},
         "scorers": summaries,
+        "failed_modes": failed,
         "rules": rule_summary(pairs),
         "pairs": [
             {"id": p.id, "category": p.category, "good": p.good,

@@ -153,3 +153,19 @@ def test_cli_refuses_bad_modes_and_pair_files_before_ray_starts(tmp_path, ray_in
     result = CliRunner().invoke(main, ["reviewer-check", "--pairs", str(tmp_path / "no.jsonl")])
     assert result.exit_code == 1 and "cannot read the pair file" in result.output
     assert ray_init_calls == []
+
+
+def test_a_failing_mode_is_reported_and_the_others_still_measured():
+    from serve.client import LLMCallError
+
+    class _NoGenerate(_FakeReviewer):
+        def generate(self, requests):
+            raise LLMCallError("reviewer", "no answer within 120 s")
+
+    report = rc.run_check(_NoGenerate(), PAIRS, modes=["equality", "cot"], min_info_gain=0.0,
+                          draws=5, log=lambda _: None)
+    assert report["failed_modes"] == {"cot": "reviewer: no answer within 120 s"}
+    assert list(report["scorers"]) == ["word_gain", "equality"]
+    with pytest.raises(LLMCallError, match="every judge mode failed"):
+        rc.run_check(_NoGenerate(), PAIRS, modes=["cot"], min_info_gain=0.0, draws=5,
+                     log=lambda _: None)
