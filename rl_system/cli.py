@@ -344,7 +344,7 @@ def pipeline_command(
     multiple=True,
     metavar="MODE[,MODE]",
     help="Judge modes to score (repeatable or comma-separated; default: every mode of "
-    "rl_system.judges: equality, preference, cot, rating).",
+    "rl_system.judges: equality, preference, rating, cot).",
 )
 @click.option(
     "--pairs",
@@ -382,12 +382,14 @@ def reviewer_check_command(
 
     with _user_errors(ConfigError):  # e.g. a GPU count no node has (rl_system.placement)
         ensure_deployed(cfg)
+    out_dir = cfg.run_dir / OUT_SUBDIR
     with _user_errors(LLMCallError):
         report = run_check(
             LLMClient.from_config(cfg, "reviewer"), pairs, modes=chosen,
             min_info_gain=cfg.policy.reward.min_info_gain, log=click.echo,
+            on_mode_done=lambda partial: write_report(partial, out_dir),
         )
-    paths = write_report(report, cfg.run_dir / OUT_SUBDIR)
+    paths = write_report(report, out_dir)
     click.echo(format_table(report))
     click.echo(f"reviewer-check: wrote {paths['json']} and {paths['png']}")
 

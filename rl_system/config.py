@@ -166,11 +166,11 @@ class RewardConfig(_Section):
         0.0, ge=0, lt=1,
         description="Evolutions whose calibrated info_gain is at most this are eliminated.",
     )
-    judge: Literal["equality", "preference", "cot", "rating"] = Field(
+    judge: Literal["equality", "preference", "rating", "cot"] = Field(
         "equality",
         description="How the reviewer judges info_gain (rl_system.judges.JUDGES): equality = "
         "P(not equal), the paper's; preference = P(the rewrite demands more), both orders; "
-        "cot = preference after a short rationale; rating = rise of a 1-5 demand rating. "
+        "rating = rise of a 1-5 demand rating; cot = preference after a short rationale. "
         "Compare them on labelled pairs with `teams-rl reviewer-check`.",
     )
 

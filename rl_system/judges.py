@@ -153,6 +153,14 @@ JUDGES: dict[str, Judge] = {
             self_pair=0.5,
         ),
         Judge(
+            name="rating",
+            description="rise of the expected 1-5 demand rating, as a share of the headroom",
+            prompt=RATING_PROMPT,
+            labels=("1", "2", "3", "4", "5"),
+            orders=(Order(("after",), _RATING),),
+            self_pair=Order(("before",), _RATING),
+        ),
+        Judge(
             name="cot",
             description="preference after a short rationale the reviewer writes first",
             prompt=COT_PROMPT,
@@ -160,14 +168,6 @@ JUDGES: dict[str, Judge] = {
             orders=(Order(("before", "after"), (0.0, 1.0)), Order(("after", "before"), (1.0, 0.0))),
             self_pair=0.5,
             rationale=Rationale(verdict=COT_VERDICT),
-        ),
-        Judge(
-            name="rating",
-            description="rise of the expected 1-5 demand rating, as a share of the headroom",
-            prompt=RATING_PROMPT,
-            labels=("1", "2", "3", "4", "5"),
-            orders=(Order(("after",), _RATING),),
-            self_pair=Order(("before",), _RATING),
         ),
     )
 }
@@ -336,10 +336,11 @@ def judge_many(
     pairs: Sequence[tuple[str, str]],
     *,
     self_pairs: MutableMapping[str, float] | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = 16,
 ) -> list[JudgeResult]:
     """Judge every ``(before, after)`` with one generate pass (rationale modes) and one
-    scoring pass through ``client`` (an ``LLMClient``), ``chunk_size`` requests per call.
+    scoring pass through ``client`` (an ``LLMClient``), ``chunk_size`` requests per call
+    (small: a server-side request timeout counts the time queued behind the chunk).
 
     ``self_pairs``: a cache of measured self-pair values by ``before``, read and filled
     here; each distinct original's self-pair is asked once.

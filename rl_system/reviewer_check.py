@@ -233,53 +233,64 @@ def run_check(
     draws: int = BOOTSTRAP_DRAWS,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    on_mode_done: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Score ``pairs`` with each mode through ``client`` (the reviewer's ``LLMClient``)."""
+    """Score ``pairs`` with each mode through ``client`` (the reviewer's ``LLMClient``).
+
+    ``on_mode_done`` gets the report so far after each mode (the CLI writes it, so a long
+    run that is interrupted keeps the modes it finished).
+    """
     from serve.client import LLMCallError
 
     per_pair: dict[str, list[dict]] = {WORD_GAIN: [word_gain(p.before, p.after) for p in pairs]}
     queries: dict[str, int | None] = {WORD_GAIN: 0}
     failed: dict[str, str] = {}
+    summaries: dict[str, dict] = {}
+
+    def report() -> dict[str, Any]:
+        for name, scores in per_pair.items():
+            if name not in summaries:  # each scorer's figures depend on its scores alone
+                summaries[name] = {
+                    "kind": "baseline" if name == WORD_GAIN else "judge",
+                    **summarise(
+                        pairs, scores, queries=queries[name], min_info_gain=min_info_gain,
+                        two_orders=name != WORD_GAIN and get_judge(name).two_orders,
+                        draws=draws, seed=seed,
+                    ),
+                }
+        return {
+            "pairs_total": len(pairs),
+            "categories": dict(Counter(p.category for p in pairs)),
+            "min_info_gain": min_info_gain,
+            "bootstrap": {"draws": draws, "seed": seed, "resampling": "pairs, within each class"},
+            "modes_requested": list(modes),
+            "scorers": dict(summaries),
+            "failed_modes": dict(failed),
+            "rules": rule_summary(pairs),
+            "pairs": [
+                {"id": p.id, "category": p.category, "good": p.good,
+                 "scores": {name: per_pair[name][i] for name in per_pair}}
+                for i, p in enumerate(pairs)
+            ],
+        }
+
     for mode in modes:
         log(f"reviewer-check: {mode}: scoring {len(pairs)} pairs ...")
         started = time.monotonic()
         try:
             per_pair[mode], queries[mode] = score_mode(client, mode, pairs)
+            wall_s = time.monotonic() - started
+            log(f"reviewer-check: {mode}: {queries[mode]} queries in {wall_s:.0f} s")
         except LLMCallError as exc:
             # one mode's failed call (e.g. a timeout) must not cost the other modes' figures
             failed[mode] = str(exc)
             log(f"reviewer-check: {mode}: failed: {exc}")
-            continue
-        wall_s = time.monotonic() - started
-        log(f"reviewer-check: {mode}: {queries[mode]} queries in {wall_s:.0f} s")
+        if on_mode_done is not None:
+            on_mode_done(report())
     if modes and len(failed) == len(modes):
         first = next(iter(failed.values()))
         raise LLMCallError("reviewer", f"every judge mode failed; the first: {first}")
-    summaries = {
-        name: {
-            "kind": "baseline" if name == WORD_GAIN else "judge",
-            **summarise(
-                pairs, scores, queries=queries[name], min_info_gain=min_info_gain,
-                two_orders=name != WORD_GAIN and get_judge(name).two_orders,
-                draws=draws, seed=seed,
-            ),
-        }
-        for name, scores in per_pair.items()
-    }
-    return {
-        "pairs_total": len(pairs),
-        "categories": dict(Counter(p.category for p in pairs)),
-        "min_info_gain": min_info_gain,
-        "bootstrap": {"draws": draws, "seed": seed, "resampling": "pairs, within each class"},
-        "scorers": summaries,
-        "failed_modes": failed,
-        "rules": rule_summary(pairs),
-        "pairs": [
-            {"id": p.id, "category": p.category, "good": p.good,
-             "scores": {name: per_pair[name][i] for name in per_pair}}
-            for i, p in enumerate(pairs)
-        ],
-    }
+    return report()
 
 
 # -- outputs ----------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def test_equality_through_judge_many_matches_reviewer_info_gain_on_the_same_clie
     assert got.value == pytest.approx(max(0.0, raw - self_pair) / (1 - self_pair), abs=1e-15)
 
 
-@pytest.mark.parametrize("mode", ["equality", "preference", "cot", "rating"])
+@pytest.mark.parametrize("mode", ["equality", "preference", "rating", "cot"])
 def test_label_normalisation_ignores_a_common_offset(mode):
     judge = JUDGES[mode]
     weights = [1.0, 3.0, 2.0, 5.0, 4.0][: len(judge.labels)]

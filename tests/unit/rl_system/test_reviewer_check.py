@@ -106,7 +106,7 @@ def test_run_check_writes_json_that_recomputes_and_a_png(tmp_path):
     data = json.loads(paths["json"].read_text())
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(paths["json"].parent.glob("*.tmp"))
-    assert list(data["scorers"]) == ["word_gain", "equality", "preference", "cot", "rating"]
+    assert list(data["scorers"]) == ["word_gain", "equality", "preference", "rating", "cot"]
     # distinct originals: 2 ("Explain tides.", "Write a poem.")
     n = len(PAIRS)
     assert {m: data["scorers"][m]["queries"] for m in data["scorers"]} == {
@@ -162,10 +162,15 @@ def test_a_failing_mode_is_reported_and_the_others_still_measured():
         def generate(self, requests):
             raise LLMCallError("reviewer", "no answer within 120 s")
 
+    partial: list[dict] = []
     report = rc.run_check(_NoGenerate(), PAIRS, modes=["equality", "cot"], min_info_gain=0.0,
-                          draws=5, log=lambda _: None)
+                          draws=5, log=lambda _: None, on_mode_done=partial.append)
     assert report["failed_modes"] == {"cot": "reviewer: no answer within 120 s"}
     assert list(report["scorers"]) == ["word_gain", "equality"]
+    # after each mode the report so far, so an interrupted run keeps what it finished
+    assert [(list(r["scorers"]), list(r["failed_modes"])) for r in partial] == [
+        (["word_gain", "equality"], []), (["word_gain", "equality"], ["cot"])
+    ]
     with pytest.raises(LLMCallError, match="every judge mode failed"):
         rc.run_check(_NoGenerate(), PAIRS, modes=["cot"], min_info_gain=0.0, draws=5,
                      log=lambda _: None)
