@@ -367,4 +367,5 @@ def format_table(report: dict[str, Any]) -> str:
                         if r["dropped"])
     lines.append(f"textual elimination rules drop: {dropped or 'nothing'} "
                  f"(threshold min_info_gain={report['min_info_gain']})")
+    lines += [f"{mode}: not measured: {why}" for mode, why in report["failed_modes"].items()]
     return "\n".join(lines)

@@ -167,6 +167,7 @@ def test_a_failing_mode_is_reported_and_the_others_still_measured():
                           draws=5, log=lambda _: None, on_mode_done=partial.append)
     assert report["failed_modes"] == {"cot": "reviewer: no answer within 120 s"}
     assert list(report["scorers"]) == ["word_gain", "equality"]
+    assert "cot: not measured: reviewer: no answer" in rc.format_table(report)
     # after each mode the report so far, so an interrupted run keeps what it finished
     assert [(list(r["scorers"]), list(r["failed_modes"])) for r in partial] == [
         (["word_gain", "equality"], []), (["word_gain", "equality"], ["cot"])
