@@ -10,6 +10,7 @@
     teams-rl pipeline --config configs/demo.yaml       # all of them, skipping what is done
     teams-rl build-dataset --config configs/demo.yaml  # stage 2: Ray Data
     teams-rl evaluate --config configs/demo.yaml --compare runs/wizardlm  # stage 4
+    teams-rl reviewer-check --config configs/demo.yaml  # judge modes on labelled pairs
 
 Every command takes ``--config FILE`` and any number of ``--set key=value`` overrides;
 an invalid config stops the command before Ray starts, naming the field.
@@ -358,6 +359,65 @@ def pipeline_command(
         ):
             run_pipeline(cfg, log=click.echo)
     click.echo(f"pipeline: done; report at {cfg.stage_dir('eval') / 'report.md'}")
+
+
+@main.command("reviewer-check")
+@_config_options
+@_address_option
+@click.option(
+    "--modes",
+    "modes",
+    multiple=True,
+    metavar="MODE[,MODE]",
+    help="Judge modes to score (repeatable or comma-separated; default: every mode of "
+    "rl_system.judges: equality, preference, rating, cot).",
+)
+@click.option(
+    "--pairs",
+    "pairs_path",
+    type=click.Path(dir_okay=False),
+    default="data/reviewer_pairs.jsonl",
+    show_default=True,
+    help="Labelled (before, after) pairs, JSONL: id, category, before, after, good, note.",
+)
+def reviewer_check_command(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    address: str | None,
+    modes: tuple[str, ...],
+    pairs_path: str,
+) -> None:
+    """Measure each judge mode (and a word-count baseline) on labelled pairs: AUC, bias."""
+    from rl_system.reviewer_check import (
+        OUT_SUBDIR,
+        PairFileError,
+        format_table,
+        load_pairs,
+        resolve_modes,
+        run_check,
+        write_report,
+    )
+    from serve.client import LLMCallError
+
+    cfg = _load(config_path, overrides)
+    with _user_errors(PairFileError, ValueError):  # bad pairs or mode names, before Ray starts
+        pairs, chosen = load_pairs(pairs_path), resolve_modes(modes)
+    _init_ray(address)
+    from serve.app import ensure_deployed
+    from serve.client import LLMClient
+
+    with _user_errors(ConfigError):  # e.g. a GPU count no node has (rl_system.placement)
+        ensure_deployed(cfg)
+    out_dir = cfg.run_dir / OUT_SUBDIR
+    with _user_errors(LLMCallError):
+        report = run_check(
+            LLMClient.from_config(cfg, "reviewer"), pairs, modes=chosen,
+            min_info_gain=cfg.policy.reward.min_info_gain, log=click.echo,
+            on_mode_done=lambda partial: write_report(partial, out_dir),
+        )
+    paths = write_report(report, out_dir)
+    click.echo(format_table(report))
+    click.echo(f"reviewer-check: wrote {paths['json']} and {paths['png']}")
 
 
 if __name__ == "__main__":

@@ -207,6 +207,13 @@ class RewardConfig(_Section):
         "against its self-pair score, in [0, 1]) is at most this is eliminated. 0 drops "
         "only those the reviewer finds no more different than the instruction itself.",
     )
+    judge: Literal["equality", "preference", "rating", "cot"] = Field(
+        "equality",
+        description="How the reviewer judges info_gain (rl_system.judges.JUDGES): equality = "
+        "P(not equal), the paper's; preference = P(the rewrite demands more), both orders; "
+        "rating = rise of a 1-5 demand rating; cot = preference after a short rationale. "
+        "Compare them on labelled pairs with `teams-rl reviewer-check`.",
+    )
 
 
 class PolicyConfig(_Section):
