@@ -18,7 +18,8 @@ GOOD = [
 ]
 PARA = [Pair("paraphrase-1", "paraphrase", "Explain tides.", "Describe the tides.", False)]
 DEGEN = [
-    Pair("refusal-1", "refusal", "Write a poem.", "I'm sorry, I cannot help with that.", False),
+    Pair("prompt_leak-1", "prompt_leak", "Write a poem.",
+         "The new instruction should ask for a poem of four lines.", False),
     Pair("repetition-1", "repetition", "Explain tides.", "Explain tides tides tides tides.", False),
 ]
 PAIRS = GOOD + PARA + DEGEN
@@ -30,7 +31,7 @@ def scores(values):
 
 
 def test_aucs_split_paraphrases_from_degenerate_rewrites():
-    # good 0.5, 0.6; paraphrase 0.1; degenerate 0.9 (refusal), 0.0
+    # good 0.5, 0.6; paraphrase 0.1; degenerate 0.9 (prompt leak), 0.0
     s = summarise(PAIRS, scores([0.5, 0.6, 0.1, 0.9, 0.0]), queries=10, two_orders=True,
                   min_info_gain=0.0, draws=50)
     assert s["auc"]["vs_paraphrase"]["auc"] == 1.0
@@ -39,12 +40,13 @@ def test_aucs_split_paraphrases_from_degenerate_rewrites():
     assert s["auc"]["all"]["auc"] == pytest.approx(4 / 6)
     lo, hi = s["auc"]["all"]["ci95"]
     assert lo < 4 / 6 < hi
-    # the refusal rule drops the refusal: rules + judge separate every pair
+    # the copied-template rule drops the leak: rules + judge separate every pair
     assert s["auc_all_with_rules"] == 1.0
-    # kept = value > 0: both good kept, paraphrase and refusal wrongly kept, repetition not
+    # kept = value > 0: both good kept, paraphrase and leak wrongly kept, repetition not
     assert s["accuracy_at_threshold"] == pytest.approx(3 / 5)
     assert s["accuracy_with_rules"] == pytest.approx(4 / 5)
-    assert s["per_category"]["refusal"] == {"n": 1, "mean_value": 0.9, "kept_with_rules": 0.0}
+    assert s["per_category"]["prompt_leak"] == {"n": 1, "mean_value": 0.9,
+                                                "kept_with_rules": 0.0}
     assert s["queries_per_pair"] == 2.0 and s["position_bias"] == 0.0
     one_order = summarise(PAIRS, scores([0.5] * 5), queries=0, two_orders=False,
                           min_info_gain=0.0, draws=0)
@@ -119,10 +121,10 @@ def test_run_check_writes_json_that_recomputes_and_a_png(tmp_path):
         pos = [v for v, g in zip(values, good, strict=True) if g]
         neg = [v for v, g in zip(values, good, strict=True) if not g]
         assert s["auc"]["all"]["auc"] == rc.roc_auc(pos, neg), name
-    assert data["rules"]["refusal"]["by_rule"] == {"refusal_or_too_short": 1}
+    assert data["rules"]["prompt_leak"]["by_rule"] == {"template_copied": 1}
     assert data["rules"]["deepening"]["dropped"] == 0.0
     table = rc.format_table(report)
-    assert table.splitlines()[2].startswith("word_gain") and "refusal 100%" in table
+    assert table.splitlines()[2].startswith("word_gain") and "prompt_leak 100%" in table
 
 
 def test_load_pairs_reads_the_project_set_and_names_bad_lines(tmp_path):
