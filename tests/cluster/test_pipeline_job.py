@@ -231,7 +231,7 @@ def test_gpu_replicas_run_on_the_fake_gpu_node_until_released(jobs, local_cluste
     assert asking, jobs["replicas_in_stage_2"]
     assert all(r["node"] in gpu_nodes for r in asking), (asking, gpu_nodes)
     # the resumed job released them before SFT, so lm-eval could take the one GPU
-    assert "no stage left needs the model roles; releasing their replicas" in \
+    assert "no stage left needs the model roles; released their replicas" in \
         jobs["resumed_logs"]
     assert not [r for r in jobs["replicas_after"] if r["gpus"] > 0], jobs["replicas_after"]
 
