@@ -87,7 +87,7 @@ def test_list_prompts_n_and_every_message_shape(client):
 @pytest.mark.parametrize("field, value", [
     ("tools", [{"type": "function", "function": {"name": "now", "parameters": {}}}]),
     ("response_format", {"type": "json_object"}),
-    ("seed", 7),
+    ("presence_penalty", 0.5),
     ("top_logprobs", 3),
     ("max_tokens", 10**6),
     ("stop", ["a", "b", "c", "d", "e"]),
