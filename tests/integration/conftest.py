@@ -46,7 +46,12 @@ def serve_port(ingress_key, ray_session) -> int:
 def demo_cfg(serve_port) -> TeamsRLConfig:
     return load_config(
         "configs/demo.yaml",
-        [f"serve.port={serve_port}", "serve.max_batch_size=8"],
+        [f"serve.port={serve_port}", "serve.max_batch_size=8",
+         # One CPU replica serves every test of the session, two pipelines at once in the
+         # comparison: a request's queue time on 2 loaded cores can pass the 120 s default,
+         # and a timed-out call now (rightly) leaves a build incomplete.
+         "serve.request_timeout_s=600", "models.expert.timeout_s=600",
+         "models.reviewer.timeout_s=600", "models.instructor.timeout_s=600"],
     )
 
 
