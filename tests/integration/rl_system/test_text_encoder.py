@@ -1,0 +1,24 @@
+"""The text encoder's plain-transformers path gives sentence-transformers' vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rl_system.encoders import TextEncoder, _MeanPooled, _SentenceTransformer
+from rl_system.models import resolve_model
+
+TEXTS = ["How do tides work?", "x", "Write a haiku about autumn rain.",
+         "Compare TCP and UDP, with an example of when each is the better choice. " * 12]
+
+
+def test_minilm_runs_without_sentence_transformers_and_matches_it():
+    encoder = TextEncoder("embedded:all-minilm-l6-v2")
+    fast = encoder.encode(TEXTS)
+    assert isinstance(encoder._model, _MeanPooled)
+    reference = _SentenceTransformer(resolve_model("embedded:all-minilm-l6-v2"), device="cpu")
+    expected = reference.encode(TEXTS)
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert fast.shape == (len(TEXTS), 384) and fast.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(fast, expected, atol=1e-5)
+    assert encoder.encode([]).shape == (0, 384)
