@@ -77,6 +77,11 @@ class ModelRoleConfig(_Section):
         "model's context minus the request's max_tokens); a longer one fails alone.",
     )
     requests_per_minute: float | None = Field(None, gt=0, description="Client-side rate limit.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="transformers backend: weight dtype; auto = bfloat16 on CUDA and on CPUs "
+        "with native bf16 (avx512_bf16, AMX), float32 elsewhere (serve.devices).",
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="vllm backend: vLLM engine arguments, e.g. tensor_parallel_size, "

@@ -278,7 +278,9 @@ def _child_main(argv: list[str] | None = None) -> int:
 
     model_args = f"pretrained={args.model_dir}"
     if args.backend == "hf":
-        model_args += ",dtype=float32" if args.device == "cpu" else ",dtype=auto"
+        from serve.devices import resolve_dtype
+
+        model_args += f",dtype={resolve_dtype('auto', args.device)}"
     raw = lm_eval.simple_evaluate(
         model=args.backend,
         model_args=model_args,

@@ -260,7 +260,10 @@ def run_mia(
         )
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    from serve.devices import resolve_dtype
+
+    dtype = getattr(torch, resolve_dtype("auto", str(device)))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     kwargs = {"max_tokens": max_tokens, "batch_size": batch_size}
     member_lps = token_logprobs(model, tokenizer, members, **kwargs)
     non_member_lps = token_logprobs(model, tokenizer, non_members, **kwargs)

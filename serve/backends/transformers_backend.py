@@ -37,8 +37,10 @@ class TransformersBackend:
         device: str | None = None,
         torch_threads: int | None = None,
         max_prompt_tokens: int | None = None,
+        dtype: str = "auto",
     ):
         self.model_id = model
+        self.dtype = dtype
         self.max_prompt_tokens = max_prompt_tokens
         self._device = device
         self._torch_threads = torch_threads
@@ -53,6 +55,7 @@ class TransformersBackend:
             "model": role_cfg.model,
             "torch_threads": serve_cfg.torch_threads or max(1, int(serve_cfg.num_cpus)),
             "max_prompt_tokens": role_cfg.max_prompt_tokens,
+            "dtype": role_cfg.dtype,
         }
 
     def load(self) -> None:
@@ -60,22 +63,25 @@ class TransformersBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from rl_system.models import resolve_model
+        from serve.devices import resolve_dtype, torch_dtype
 
         if self._torch_threads:
             torch.set_num_threads(self._torch_threads)
         path = resolve_model(self.model_id)
         device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        self.dtype = resolve_dtype(self.dtype, device)
         self._tokenizer = AutoTokenizer.from_pretrained(path)
         self._pad_id = (
             self._tokenizer.pad_token_id
             if self._tokenizer.pad_token_id is not None
             else self._tokenizer.eos_token_id
         )
-        self._model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self._model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype(self.dtype)
+        ).to(device).eval()
         self._device = device
         self._max_positions = getattr(self._model.config, "max_position_embeddings", 2048)
-        logger.info("loaded %s on %s", self.model_id, device)
+        logger.info("loaded %s on %s in %s", self.model_id, device, self.dtype)
 
     # -- helpers -----------------------------------------------------------------------
 
