@@ -68,3 +68,11 @@ def ray_init_calls(monkeypatch) -> list:
 
     monkeypatch.setattr(ray, "init", fake_init)
     return calls
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A local model dir: a 2-layer random-weight Llama (``tests.tiny_model``)."""
+    from tests.tiny_model import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")

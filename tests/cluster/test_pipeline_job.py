@@ -1,7 +1,10 @@
 """`teams-rl pipeline` submitted with `ray job submit` to a two-node cluster (token auth on).
 
-One tiny pipeline config (the demo's embedded SmolLM2, a few seeds and steps) is
-submitted three times to the cluster of ``conftest.LocalCluster``:
+One tiny pipeline config is submitted three times to the cluster of
+``conftest.LocalCluster``. Its assertions are about orchestration, so the roles are the
+scripted backend (a test double with a fixed latency, so that the stop lands in stage 2)
+and SFT, lm-eval and the MIA run on a tiny random-weight Llama (``tests.tiny_model``); the
+real-model paths of each stage are in ``tests/integration``.
 
 1. stopped with ``ray job stop`` once stage 2 has cached some model answers;
 2. submitted again: it skips stage 1, resumes stage 2 from its cache, finishes 3 and 4;
@@ -38,9 +41,23 @@ STAGE_OUTPUTS = {
 }
 
 
-def pipeline_overrides(run_root: Path, serve_port: int) -> list[str]:
+# Every role is one scripted deployment: rewrites add a clause, the reviewer calls every
+# changed instruction "Not Equal", the expert echoes. 0.3 s per backend call keeps stage 2
+# running long enough to be stopped in the middle.
+ROLE_SCRIPT = {
+    "rules": [{"contains": "<<<", "reply": "{instruction} Give one concrete example too."}],
+    "default": "Here is an answer to: {last_user}",
+    "score": {"prefer": "Not Equal", "when_bracketed_differ": True},
+    "latency_s": 0.3,
+}
+
+
+def pipeline_overrides(run_root: Path, serve_port: int, base_model: Path) -> list[str]:
+    roles = [f"models.{role}.{key}={value}" for role in ("instructor", "reviewer", "expert")
+             for key, value in (("backend", "scripted"), ("model", "cluster-roles"),
+                                ("script", json.dumps(ROLE_SCRIPT)))]
     return [
-        f"run.dir={run_root}", "run.name=cluster",
+        f"run.dir={run_root}", "run.name=cluster", *roles, f"sft.base_model={base_model}",
         f"serve.port={serve_port}", "serve.num_gpus=1", "serve.num_cpus=1",
         "policy.iterations=1", "policy.num_env_runners=1", "policy.train_batch_size=4",
         "policy.max_steps=4",
@@ -133,11 +150,11 @@ def cached_answers(run: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def jobs(local_cluster):
+def jobs(local_cluster, tiny_llama):
     cluster = local_cluster
     run_root = cluster.root / "runs"
     run = run_root / "cluster"
-    overrides = pipeline_overrides(run_root, free_port())
+    overrides = pipeline_overrides(run_root, free_port(), tiny_llama)
     out: dict = {"run": run, "overrides": overrides}
     with MetricsScraper(cluster.metrics_ports) as scraper:
         # 1. interrupted in stage 2, once a few model answers are cached
