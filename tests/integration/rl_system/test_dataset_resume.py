@@ -46,7 +46,9 @@ def _scripted_cfg(serve_port, run_dir, app, extra=(), script=SCRIPT, reviewer_sc
         "models.reviewer.backend=scripted", f"models.reviewer.model={app}-reviewer",
         "models.instructor.backend=scripted", f"models.instructor.model={app}-expert",
         "policy.max_steps=2", "dataset.strategy=wizardlm", "dataset.wizardlm_rounds=2",
-        "serve.batch_wait_timeout_s=0", *extra,
+        # One actor per stage: each costs seconds of imports on 2 cores, and these tests
+        # are about resume and failure, not the pool (the budget test keeps two).
+        "serve.batch_wait_timeout_s=0", "dataset.concurrency=1", *extra,
     ])
     cfg.models.expert.script = cfg.models.instructor.script = script
     cfg.models.reviewer.script = reviewer_script
@@ -146,6 +148,7 @@ def test_sigkill_then_resume_gives_same_rows_without_repaying(scripted, tmp_path
 def test_budget_stops_cleanly_and_resumes(scripted):
     cfg = scripted.model_copy(deep=True)
     cfg.run.name = "budget"
+    cfg.dataset.concurrency = 2  # two actors draw on the one budget
     cfg.dataset.max_expert_queries = 4
     first = build_dataset(cfg)
     assert first["status"] == "incomplete" and first["summary"]["seeds_incomplete"] > 0

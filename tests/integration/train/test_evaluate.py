@@ -1,4 +1,6 @@
-"""lm-eval end to end on the embedded SmolLM2 dir with the shipped local task (offline)."""
+"""lm-eval end to end with the shipped local task (offline), on a tiny random-weight Llama:
+these assertions are plumbing (files, counts, the Ray task, reuse); lm-eval on the real
+fine-tuned SmolLM2 runs in ``tests/integration/test_strategy_comparison.py``."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def _cfg(tmp_path, **kw) -> EvalConfig:
 
 
 @pytest.mark.slow
-def test_local_task_end_to_end_into_the_report(tmp_path, ray_session):
+def test_local_task_end_to_end_into_the_report(tmp_path, ray_session, tiny_llama):
     """lm-eval (child process) -> eval/lm_eval.json; MIA -> eval/mia.json; report.json.
 
     ``eval.num_gpus=1`` (a fake GPU on the test cluster): both run in one Ray task, never
@@ -39,7 +41,7 @@ def test_local_task_end_to_end_into_the_report(tmp_path, ray_session):
     run = make_run(tmp_path, "smol", strategy="wizardlm", queries_per_pair=4)
     shutil.rmtree(run / "eval")
     (run / "sft").mkdir()
-    (run / "sft" / "final").symlink_to(resolve_model("embedded:smollm2-135m-instruct"))
+    (run / "sft" / "final").symlink_to(tiny_llama)
     out = evaluate_run(run, _cfg(tmp_path, num_gpus=1), log=lambda _: None)
     task = out["lm_eval"]["tasks"]["teams_rl_mc"]
     assert task["n"] == 8
