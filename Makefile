@@ -30,7 +30,7 @@ demo: models
 test: models
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: models
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 bench: models

@@ -146,18 +146,3 @@ def test_every_update_stays_inside_the_trust_region(env, dist_name):
 
     # The bound must hold for steps actually taken, not only for rejected ones.
     assert accepted >= NUM_UPDATES - 1
-
-
-def test_faithful_mode_updates_from_exactly_one_episode(ray_session):
-    config = _trpo_config("CartPole-v1", faithful_single_episode_batch=True)
-    algo = config.build_algo()
-    try:
-        for _ in range(2):
-            result = algo.train()
-            env_runners = result["env_runners"]
-            assert env_runners["num_episodes"] == 1
-            assert env_runners["num_env_steps_sampled"] == env_runners["episode_len_mean"]
-            trained = result["learners"]["default_policy"]["num_module_steps_trained"]
-            assert trained == env_runners["num_env_steps_sampled"] + 1  # + bootstrap ts
-    finally:
-        algo.stop()
