@@ -28,7 +28,9 @@ from train.report import PLOT_TITLES
 from .rl_system.test_dataset_real_model import check_dataset_outputs
 from .test_report import check_mia_attacks
 
-pytestmark = pytest.mark.slow
+# Two pipelines on one CPU replica of SmolLM2: the shared fixture took 16-18 min on 2 cores
+# (each stage-2 build about 650 s), past pytest's 900 s default for one test.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 # The 135M reviewer keeps a quarter to a half of the evolutions (runs here kept 3-5 pairs
 # from 8-10 seeds), and MIA needs at least 2 trained and 2 held-out pairs per run.
