@@ -8,7 +8,6 @@
     teams-rl sft --config configs/demo.yaml            # stage 3: Ray Train FSDP
     teams-rl evaluate --config configs/demo.yaml       # stage 4: lm-eval, MIA, report
     teams-rl pipeline --config configs/demo.yaml       # all of them, skipping what is done
-    teams-rl build-dataset --config configs/demo.yaml  # stage 2: Ray Data
     teams-rl evaluate --config configs/demo.yaml --compare runs/wizardlm  # stage 4
     teams-rl reviewer-check --config configs/demo.yaml  # judge modes on labelled pairs
 
