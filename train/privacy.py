@@ -251,7 +251,6 @@ def run_mia(
     """
     import time
 
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not members or not non_members:
@@ -260,9 +259,9 @@ def run_mia(
         )
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    from serve.devices import resolve_dtype
+    from serve.devices import resolve_dtype, torch_dtype
 
-    dtype = getattr(torch, resolve_dtype("auto", str(device)))
+    dtype = torch_dtype(resolve_dtype("auto", str(device)))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     kwargs = {"max_tokens": max_tokens, "batch_size": batch_size}
     member_lps = token_logprobs(model, tokenizer, members, **kwargs)
