@@ -18,8 +18,8 @@ that restart at 0 for every example. transformers (>= 4.57) reads restarting pos
 with no attention mask and no KV cache (call the model with ``use_cache=False``) as packed
 sequences and builds a block-diagonal causal mask for the SDPA and eager kernels
 (``masking_utils.find_packed_sequence_indices``) and varlen calls for flash-attention, so
-examples in one row never attend to each other (tests/unit/train/test_data.py checks the
-logits against each example run alone).
+examples in one row never attend to each other (tests/integration/train/test_packing.py
+checks the logits against each example run alone).
 
 On the Ray side, :func:`load_sft_datasets` reads the parquet, holds out an eval split,
 tokenizes (and packs) and puts the result in Ray Data's object store, so the trainer knows
@@ -335,7 +335,7 @@ def load_tokenizer(model_ref: str) -> Any:
 def tokenize_batch(
     batch: Mapping[str, Any], *, model_ref: str, max_seq_len: int, packing: bool
 ) -> Any:
-    """Ray Data ``map_batches`` function: record columns -> training rows (pyarrow table).
+    """Record columns (``{name: values}``) -> training rows (a pyarrow table, one block).
 
     Packing happens inside the batch only, so rows never mix examples of two batches.
     """
