@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from rl_system.config import ConfigError, TeamsRLConfig, load_config
+from rl_system.config import TeamsRLConfig, load_config
+from serve.errors import TeamsRLError
 
 logger = logging.getLogger("teams_rl")
 
@@ -53,30 +54,33 @@ _address_option = click.option(
 )
 
 
-@contextmanager
-def _user_errors(*errors: type[BaseException]):
-    """Errors a user can fix end the command with their one-line message, not a traceback."""
-    try:
-        yield
-    except errors as exc:
-        raise click.ClickException(str(exc)) from None
+class _Commands(click.Group):
+    """Every user-fixable error (``TeamsRLError``) ends a command with its message and exit
+    status 1; anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TeamsRLError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+class ClusterUnreachable(TeamsRLError):
+    """``--address`` (or ``RAY_ADDRESS``) names a Ray cluster we cannot join."""
 
 
 @contextmanager
 def _run_dir_held(cfg: TeamsRLConfig, command: str):
     """One run per run directory, taken before Ray starts: an unwritable directory or a
     second run on it fails at once (the message names the holder's pid)."""
-    from rl_system.rundir import RunDirLocked, RunDirUnwritable, run_lock
+    from rl_system.rundir import run_lock
 
-    with ExitStack() as stack:
-        with _user_errors(RunDirLocked, RunDirUnwritable):
-            stack.enter_context(run_lock(cfg.run_dir, what=f"teams-rl {command}"))
+    with run_lock(cfg.run_dir, what=f"teams-rl {command}"):
         yield
 
 
 def _load(config_path: str | None, overrides: tuple[str, ...]) -> TeamsRLConfig:
-    with _user_errors(ConfigError):
-        return load_config(config_path, list(overrides))
+    return load_config(config_path, list(overrides))
 
 
 # A local Ray started by the CLI advertises at least this many logical CPUs: our actors
@@ -98,7 +102,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> bool:
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:
-        raise click.ClickException(
+        raise ClusterUnreachable(
             f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); check --address "
             "(the head node's GCS port, usually 6379) and that the cluster is up"
         ) from None
@@ -120,14 +124,23 @@ def _init_ray(address: str | None) -> None:
     try:
         ray.init(address=address, num_cpus=num_cpus, log_to_driver=True)
     except AuthenticationError as exc:
-        raise click.ClickException(f"the Ray cluster at {address} refused us: {exc}") from None
+        raise ClusterUnreachable(f"the Ray cluster at {address} refused us: {exc}") from None
     except ConnectionError as exc:
         # When the port answered, a refusal is most often a missing or wrong token: Ray
         # 2.60 clusters use token authentication by default.
         hint = f". The port answers, so check the token: {_TOKEN_HINT}" if probed else ""
-        raise click.ClickException(
+        raise ClusterUnreachable(
             f"cannot join the Ray cluster at {address}: {exc}{hint}"
         ) from None
+
+
+def _roles_up(cfg: TeamsRLConfig) -> None:
+    """Deploy the roles unless they run; a GPU count no node has fails first."""
+    from rl_system.placement import check_gpu_demands
+    from serve.app import ensure_deployed
+
+    check_gpu_demands(cfg, stages=["serve"])
+    ensure_deployed(cfg)
 
 
 _TOKEN_HINT = (
@@ -136,7 +149,7 @@ _TOKEN_HINT = (
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """TeaMs-RL on Ray: RL-guided instruction data, one SFT, no RLHF."""
@@ -154,11 +167,10 @@ def models() -> None:
 @models.command("prepare")
 def models_prepare() -> None:
     """Convert the embedded GGUF model once to a cached safetensors directory."""
-    from rl_system.models import ModelNotFoundError, prepare_all
+    from serve.models import prepare_all
 
-    with _user_errors(ModelNotFoundError):
-        for name, path in prepare_all(log=click.echo).items():
-            click.echo(f"embedded:{name} -> {path}")
+    for name, path in prepare_all(log=click.echo).items():
+        click.echo(f"embedded:{name} -> {path}")
 
 
 @main.command("serve")
@@ -190,17 +202,17 @@ def serve_command(
     import ray
     from ray import serve
 
+    from rl_system.placement import check_gpu_demands
     from serve.app import check_key, deploy
 
-    with _user_errors(ConfigError):  # refuse an open public host before Ray starts
-        keyed = check_key(cfg)
+    keyed = check_key(cfg)  # refuse an open public host before Ray starts
     _init_ray(address)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        with _user_errors(ConfigError):  # a GPU count no node has; an open public host
-            url = deploy(cfg)
+        check_gpu_demands(cfg, stages=["serve"])  # a GPU count no node has
+        url = deploy(cfg)
         auth = "on (Authorization: Bearer <key>)" if keyed else "off (loopback only)"
         click.echo(f"serving roles at {url}  (auth {auth}); Ctrl-C to stop")
         stop.wait()
@@ -217,25 +229,14 @@ def train_policy_command(
     config_path: str | None, overrides: tuple[str, ...], address: str | None
 ) -> None:
     """Stage 1: train the evolution policy (TRPO, or PPO with policy.algorithm=ppo)."""
-    from rl_system.policy import (
-        InsufficientResources,
-        PolicyRunMismatch,
-        load_seed_instructions,
-        train_policy,
-    )
-    from rl_system.seeds import SeedFileError
+    from rl_system.policy import load_seed_instructions, train_policy
 
     cfg = _load(config_path, overrides)
-    with _user_errors(SeedFileError, OSError):
-        load_seed_instructions(cfg)  # bad or empty seeds fail here, before Ray starts
+    load_seed_instructions(cfg)  # bad or empty seeds fail here, before Ray starts
     with _run_dir_held(cfg, "train-policy"):
         _init_ray(address)
-        from serve.app import ensure_deployed
-
-        with _user_errors(ConfigError):  # e.g. a GPU count no node has (rl_system.placement)
-            ensure_deployed(cfg)
-        with _user_errors(PolicyRunMismatch, InsufficientResources):
-            summaries = train_policy(cfg, log=click.echo)
+        _roles_up(cfg)
+        summaries = train_policy(cfg, log=click.echo)
     click.echo(f"policy: {len(summaries)} iterations run; outputs in {cfg.stage_dir('policy')}")
 
 
@@ -246,26 +247,14 @@ def build_dataset_command(
     config_path: str | None, overrides: tuple[str, ...], address: str | None
 ) -> None:
     """Stage 2: evolve seeds with dataset.strategy, answer, filter, write parquet + exports."""
-    from rl_system.dataset import (
-        DatasetIncomplete,
-        DatasetRunMismatch,
-        build_dataset,
-        check_inputs,
-    )
-    from rl_system.seeds import SeedFileError
-    from rl_system.strategies import PolicyCheckpointError
+    from rl_system.dataset import build_dataset, check_inputs
 
     cfg = _load(config_path, overrides)
-    with _user_errors(SeedFileError, PolicyCheckpointError, OSError):
-        check_inputs(cfg)  # bad seeds or checkpoint fail here, before Ray starts
+    check_inputs(cfg)  # bad seeds or checkpoint fail here, before Ray starts
     with _run_dir_held(cfg, "build-dataset"):
         _init_ray(address)
-        from serve.app import ensure_deployed
-
-        with _user_errors(ConfigError):  # e.g. a GPU count no node has (rl_system.placement)
-            ensure_deployed(cfg)
-        with _user_errors(DatasetRunMismatch, PolicyCheckpointError, DatasetIncomplete):
-            manifest = build_dataset(cfg, log=click.echo)
+        _roles_up(cfg)
+        manifest = build_dataset(cfg, log=click.echo)
     pairs = manifest["summary"]["pairs_written"]
     click.echo(f"dataset: {pairs} pairs in {cfg.stage_dir('dataset')}")
 
@@ -284,13 +273,10 @@ def evaluate_command(
     config_path: str | None, overrides: tuple[str, ...], compare: tuple[str, ...], force: bool
 ) -> None:
     """Stage 4: lm-eval (own process), membership inference, quality; report + plots."""
-    from train.evaluate import LmEvalError, TaskNotFoundError
-    from train.report import StageOutputMissing, evaluate_and_report
+    from train.report import evaluate_and_report
 
     cfg = _load(config_path, overrides)
-    with _run_dir_held(cfg, "evaluate"), _user_errors(
-        StageOutputMissing, TaskNotFoundError, LmEvalError, ImportError
-    ):
+    with _run_dir_held(cfg, "evaluate"):
         evaluate_and_report(cfg, compare=compare, force=force, log=click.echo)
 
 
@@ -311,16 +297,12 @@ def sft_command(
     dataset_path: str | None,
 ) -> None:
     """Stage 3: supervised fine-tuning on Ray Train (FSDP or DDP)."""
-    from rl_system.config import ConfigError
-    from train.data import SFTDataError
-
     cfg = _load(config_path, overrides)
     with _run_dir_held(cfg, "sft"):
         _init_ray(address)
         from train.sft import run_sft
 
-        with _user_errors(SFTDataError, ConfigError):
-            final = run_sft(cfg, dataset_path=dataset_path)
+        final = run_sft(cfg, dataset_path=dataset_path)
     click.echo(f"sft: Hugging Face model directory at {final}")
 
 
@@ -331,32 +313,14 @@ def pipeline_command(
     config_path: str | None, overrides: tuple[str, ...], address: str | None
 ) -> None:
     """All stages in order; finished stages are skipped, partial ones resumed."""
-    from rl_system.dataset import DatasetIncomplete, DatasetRunMismatch
     from rl_system.pipeline import run_pipeline
-    from rl_system.policy import InsufficientResources, PolicyRunMismatch, load_seed_instructions
-    from rl_system.seeds import SeedFileError
-    from train.data import SFTDataError
-    from train.evaluate import LmEvalError, TaskNotFoundError
-    from train.report import StageOutputMissing
+    from rl_system.policy import load_seed_instructions
 
     cfg = _load(config_path, overrides)
-    with _user_errors(SeedFileError, OSError):
-        load_seed_instructions(cfg)  # bad or empty seeds fail here, before Ray starts
+    load_seed_instructions(cfg)  # bad or empty seeds fail here, before Ray starts
     with _run_dir_held(cfg, "pipeline"):
         _init_ray(address)
-        with _user_errors(
-            PolicyRunMismatch,
-            InsufficientResources,
-            DatasetRunMismatch,
-            DatasetIncomplete,
-            SFTDataError,
-            ConfigError,
-            StageOutputMissing,
-            TaskNotFoundError,
-            LmEvalError,
-            ImportError,
-        ):
-            run_pipeline(cfg, log=click.echo)
+        run_pipeline(cfg, log=click.echo)
     click.echo(f"pipeline: done; report at {cfg.stage_dir('eval') / 'report.md'}")
 
 
@@ -389,31 +353,24 @@ def reviewer_check_command(
     """Measure each judge mode (and a word-count baseline) on labelled pairs: AUC, bias."""
     from rl_system.reviewer_check import (
         OUT_SUBDIR,
-        PairFileError,
         format_table,
         load_pairs,
         resolve_modes,
         run_check,
         write_report,
     )
-    from serve.client import LLMCallError
-
     cfg = _load(config_path, overrides)
-    with _user_errors(PairFileError, ValueError):  # bad pairs or mode names, before Ray starts
-        pairs, chosen = load_pairs(pairs_path), resolve_modes(modes)
+    pairs, chosen = load_pairs(pairs_path), resolve_modes(modes)  # before Ray starts
     _init_ray(address)
-    from serve.app import ensure_deployed
     from serve.client import LLMClient
 
-    with _user_errors(ConfigError):  # e.g. a GPU count no node has (rl_system.placement)
-        ensure_deployed(cfg)
+    _roles_up(cfg)
     out_dir = cfg.run_dir / OUT_SUBDIR
-    with _user_errors(LLMCallError):
-        report = run_check(
-            LLMClient.from_config(cfg, "reviewer"), pairs, modes=chosen,
-            min_info_gain=cfg.policy.reward.min_info_gain, log=click.echo,
-            on_mode_done=lambda partial: write_report(partial, out_dir),
-        )
+    report = run_check(
+        LLMClient.from_config(cfg, "reviewer"), pairs, modes=chosen,
+        min_info_gain=cfg.policy.reward.min_info_gain, log=click.echo,
+        on_mode_done=lambda partial: write_report(partial, out_dir),
+    )
     paths = write_report(report, out_dir)
     click.echo(format_table(report))
     click.echo(f"reviewer-check: wrote {paths['json']} and {paths['png']}")

@@ -44,6 +44,7 @@ from collections.abc import MutableMapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from serve.errors import ConfigError
 from serve.protocol import GenerationRequest
 
 Slot = Literal["before", "after"]
@@ -192,7 +193,7 @@ def get_judge(mode: str | Judge) -> Judge:
     try:
         return JUDGES[mode]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown judge mode {mode!r}; expected one of {', '.join(JUDGE_NAMES)}"
         ) from None
 

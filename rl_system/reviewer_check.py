@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from rl_system.judges import JUDGE_NAMES, get_judge, judge_many
+from serve.errors import TeamsRLError
 from train.privacy import roc_auc, roc_curve
 
 DEFAULT_PAIRS = "data/reviewer_pairs.jsonl"
@@ -50,7 +51,7 @@ PARAPHRASE = "paraphrase"
 PAIR_FIELDS = ("id", "category", "before", "after", "good")
 
 
-class PairFileError(ValueError):
+class PairFileError(TeamsRLError, ValueError):
     """The labelled pair file is missing or malformed; the message names the line."""
 
 

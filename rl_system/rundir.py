@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from serve.errors import TeamsRLError
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -31,15 +33,15 @@ LOCK_FILE = ".lock"
 COMPLETE, INCOMPLETE, RUNNING = "complete", "incomplete", "running"
 
 
-class RunMismatch(RuntimeError):
+class RunMismatch(TeamsRLError):
     """A stage directory holds outputs made with a different config; refused, not mixed in."""
 
 
-class RunDirLocked(RuntimeError):
+class RunDirLocked(TeamsRLError):
     """Another process holds this run directory."""
 
 
-class RunDirUnwritable(OSError):
+class RunDirUnwritable(TeamsRLError, OSError):
     """The run directory cannot be created or written."""
 
 

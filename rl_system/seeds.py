@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serve.errors import MissingExtra, TeamsRLError
+
 __all__ = ["SUPPORTED_SUFFIXES", "Seed", "SeedFileError", "SeedSet", "load_seeds", "stable_seed_id"]
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -41,7 +43,7 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = _JSONL_SUFFIXES + _JSON_SUFFIXES + _PARQUE
 _SKIP_HINT = "fix it, or skip malformed records with skip_bad_lines=True (dataset.skip_bad_lines)"
 
 
-class SeedFileError(ValueError):
+class SeedFileError(TeamsRLError, ValueError):
     """A seed file is missing, unreadable, malformed, or leaves no usable seed."""
 
 
@@ -196,7 +198,11 @@ def _open_records(path: Path) -> Generator[tuple[str, Any], None, None]:
 
 def _jsonl_records(path: Path) -> Generator[tuple[str, Any], None, None]:
     # Decode line by line so that one bad byte costs one line, not the whole file.
-    with path.open("rb") as f:
+    try:
+        f = path.open("rb")
+    except OSError as exc:
+        raise SeedFileError(f"cannot read seed file {path}: {exc.strerror}") from None
+    with f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
@@ -215,6 +221,8 @@ def _jsonl_records(path: Path) -> Generator[tuple[str, Any], None, None]:
 def _json_records(path: Path) -> Generator[tuple[str, Any], None, None]:
     try:
         document = json.loads(path.read_text(encoding="utf-8-sig"))
+    except OSError as exc:
+        raise SeedFileError(f"cannot read seed file {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise SeedFileError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
@@ -236,7 +244,7 @@ def _parquet_records(path: Path) -> Generator[tuple[str, Any], None, None]:
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
-        raise ImportError(
+        raise MissingExtra(
             "reading parquet seed files needs pyarrow: pip install pyarrow "
             "(it comes with ray[data])"
         ) from exc

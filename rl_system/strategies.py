@@ -25,12 +25,13 @@ import numpy as np
 
 from rl_system.actions import ACTIONS, decode_action, depth_and_breadth
 from rl_system.config import TeamsRLConfig
+from serve.errors import TeamsRLError
 
 # Where ``Algorithm.save_to_path`` puts the single-agent module (checked on RLlib 2.60).
 MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module" / "default_policy"
 
 
-class PolicyCheckpointError(RuntimeError):
+class PolicyCheckpointError(TeamsRLError):
     """The policy checkpoint is missing or does not fit the configured env."""
 
 

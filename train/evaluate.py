@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from rl_system.config import EvalConfig
+from serve.errors import MissingExtra, TeamsRLError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXTRA_HINT = "pip install 'teams-rl[eval]'"
@@ -45,20 +46,20 @@ TASK_NOT_FOUND_EXIT = 3
 METRICS = ("acc", "acc_norm", "exact_match", "f1", "mc1", "mc2", "perplexity")
 
 
-class TaskNotFoundError(ValueError):
+class TaskNotFoundError(TeamsRLError, ValueError):
     """An ``eval.tasks`` name is not an lm-eval task; the message gives close matches."""
 
 
-class LmEvalError(RuntimeError):
+class LmEvalError(TeamsRLError):
     """lm-eval failed or timed out; the message carries the tail of its output."""
 
 
 def require_lm_eval() -> Any:
-    """Import lm_eval or raise an ImportError that names the extra to install."""
+    """Import lm_eval or raise ``MissingExtra`` naming the extra to install."""
     try:
         import lm_eval
     except ImportError as exc:
-        raise ImportError(
+        raise MissingExtra(
             f"evaluation needs lm-evaluation-harness: {EXTRA_HINT} (or pip install "
             f"'lm-eval>=0.4.5'); import failed with: {exc}"
         ) from exc

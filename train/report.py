@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from rl_system.config import EvalConfig, TeamsRLConfig
+from serve.errors import TeamsRLError
 
 LM_EVAL_FILE = "lm_eval.json"
 MIA_FILE = "mia.json"
@@ -52,7 +53,7 @@ STAGE_FILES = {
 }
 
 
-class StageOutputMissing(FileNotFoundError):
+class StageOutputMissing(TeamsRLError, FileNotFoundError):
     """A run directory lacks a stage's output; the message names run, stage, file, fix."""
 
     def __init__(self, run_dir: Path, stage: str, path: Path, fix: str):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from serve.errors import MissingExtra
+
 VLLM_ROUTE_PREFIX = "/vllm"
 EXTRA_HINT = "GPU serving needs the vllm extra: pip install 'teams-rl[vllm]'"
 KEYED_INGRESS = "serve.backends.vllm_ingress:KeyedOpenAiIngress"
@@ -60,5 +62,5 @@ def build_vllm_app(args: dict[str, Any]):
     try:
         from ray.serve.llm import build_openai_app
     except ImportError as exc:
-        raise ImportError(f"{EXTRA_HINT} ({exc})") from exc
+        raise MissingExtra(f"{EXTRA_HINT} ({exc})") from exc
     return build_openai_app(args)
