@@ -17,182 +17,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from serve.auth import API_KEY_ENV  # noqa: F401 - re-exported: the key's variable, named in serve/
-
-EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
-EMBEDDED_ENCODER = "embedded:all-minilm-l6-v2"
-
-ROLES = ("instructor", "reviewer", "expert")
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the field and the fix."""
-
-
-class _Section(BaseModel):
-    # Unknown keys are typos far more often than intent: refuse them.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SamplingConfig(_Section):
-    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature; 0 = greedy.")
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    max_tokens: int = Field(128, ge=1, le=32768, description="New tokens per completion.")
+# The serving sections are serve/'s own models (serve/ is the bottom layer); re-exported
+# here because the run config composes them.
+from serve.auth import API_KEY_ENV  # noqa: F401
+from serve.config import (  # noqa: F401
+    EMBEDDED_ENCODER,
+    EMBEDDED_LLM,
+    ROLES,
+    ConfigSection,
+    ModelRoleConfig,
+    ModelsConfig,
+    SamplingConfig,
+    ServeConfig,
+    ServingConfig,
+    load_yaml_config,
+    parse_override,
+    role_config,
+)
+from serve.errors import ConfigError  # noqa: F401
 
 
-class ModelRoleConfig(_Section):
-    """How one role (instructor, reviewer, expert) is served and reached."""
-
-    backend: Literal["transformers", "vllm", "openai", "scripted"] = Field(
-        "transformers",
-        description="transformers: our LLMServer (CPU/GPU); vllm: Ray Serve LLM on GPUs; "
-        "openai: an external OpenAI-compatible endpoint; scripted: algorithm tests only.",
-    )
-    model: str = Field(EMBEDDED_LLM, description="embedded:<name>, HF model id or local path.")
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    base_url: str | None = Field(
-        None, description="openai backend: endpoint such as https://api.openai.com/v1."
-    )
-    api_key_env: str = Field(
-        "OPENAI_API_KEY", description="openai backend: environment variable holding the key."
-    )
-    score_mode: Literal["auto", "echo", "top_logprobs"] = Field(
-        "auto",
-        description="How score() works over HTTP: echo = completions with echo+logprobs "
-        "(vLLM, our ingress); top_logprobs = first answer token (the OpenAI API).",
-    )
-    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout.")
-    max_retries: int = Field(
-        3, ge=0, le=20,
-        description="Extra attempts after a transient failure (a dead replica, 429, 5xx).",
-    )
-    retry_backoff_s: float = Field(
-        0.5, ge=0, description="Wait before the first retry; doubles with each attempt."
-    )
-    max_prompt_tokens: int | None = Field(
-        None, ge=1,
-        description="transformers backend: longest prompt a replica accepts (default: the "
-        "model's context minus the request's max_tokens); a longer one fails alone.",
-    )
-    requests_per_minute: float | None = Field(None, gt=0, description="Client-side rate limit.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto",
-        description="transformers backend: weight dtype; auto = bfloat16 on CUDA and on CPUs "
-        "with native bf16 (avx512_bf16, AMX), float32 elsewhere (serve.devices).",
-    )
-    engine_kwargs: dict[str, Any] = Field(
-        default_factory=dict,
-        description="vllm backend: vLLM engine arguments, e.g. tensor_parallel_size, "
-        "max_model_len, gpu_memory_utilization.",
-    )
-    accelerator_type: str | None = Field(
-        None, description="vllm backend: Ray accelerator type for the replicas, e.g. H100."
-    )
-    script: dict[str, Any] = Field(
-        default_factory=dict, description="scripted backend only: its deterministic rules."
-    )
-
-    @property
-    def deployment_name(self) -> str:
-        """Serve deployment for this role; roles with the same backend and model share one."""
-        slug = "".join(c if c.isalnum() else "-" for c in self.model.split(":")[-1].lower())
-        return f"llm-{self.backend}-{slug.strip('-')}"[:60]
-
-
-class ModelsConfig(_Section):
-    instructor: ModelRoleConfig = Field(default_factory=ModelRoleConfig)
-    reviewer: ModelRoleConfig = Field(
-        default_factory=lambda: ModelRoleConfig(sampling=SamplingConfig(temperature=0.0))
-    )
-    expert: ModelRoleConfig = Field(default_factory=ModelRoleConfig)
-    encoder: str = Field(EMBEDDED_ENCODER, description="Sentence-embedding model.")
-
-    def role(self, name: str) -> ModelRoleConfig:
-        if name not in ROLES:
-            raise ConfigError(f"models.{name}: unknown role; expected one of {', '.join(ROLES)}")
-        return getattr(self, name)
-
-
-class AutoscalingConfig(_Section):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(8.0, gt=0)
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(30.0, ge=0)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> AutoscalingConfig:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})"
-            )
-        return self
-
-
-class ServeLimits(_Section):
-    """What one HTTP request to the ingress may ask for; larger requests get a 4xx."""
-
-    max_request_bytes: int = Field(
-        1_048_576, ge=1024, description="Request body size in bytes; larger bodies get 413 "
-        "before they are parsed.",
-    )
-    max_tokens: int = Field(
-        4096, ge=1, le=131072, description="Largest max_tokens (new tokens) one request may ask."
-    )
-    max_stop_strings: int = Field(4, ge=0, le=64, description="Stop strings per request.")
-    max_choices: int = Field(
-        16, ge=1, le=256, description="Choices per request: n times the prompts of a list prompt."
-    )
-    max_prompt_tokens: int | None = Field(
-        None, ge=1, description="Prompt tokens per request (None: the model's context length "
-        "less max_tokens). For the serving backends to enforce; not applied yet.",
-    )
-
-
-class ServeConfig(_Section):
-    host: str = Field(
-        "127.0.0.1",
-        description="Serve's HTTP bind address. Anything but loopback needs the ingress key "
-        f"(${API_KEY_ENV} or serve.api_key_file).",
-    )
-    port: int = Field(8000, ge=1, le=65535)
-    app_name: str = Field("teams-rl", description="Serve application holding every role.")
-    api_key_file: str | None = Field(
-        None,
-        description=f"File holding the ingress key (a mounted secret); ${API_KEY_ENV} wins. "
-        "The path, never the key, is config (serve.auth).",
-    )
-    limits: ServeLimits = Field(default_factory=ServeLimits)
-    max_batch_size: int = Field(8, ge=1, le=512, description="Dynamic batching per replica.")
-    batch_wait_timeout_s: float = Field(0.05, ge=0, le=10)
-    max_ongoing_requests: int = Field(64, ge=1)
-    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per LLM replica.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs per LLM replica.")
-    request_timeout_s: float = Field(120.0, gt=0, description="Server-side limit per request.")
-    torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads per CPU replica (default: num_cpus)."
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_key_in_config(cls, data: Any) -> Any:
-        # A key in YAML or --set would land in job metadata, `ps` and config dumps.
-        if isinstance(data, dict) and "api_key" in data:
-            raise ValueError(
-                f"serve.api_key: the ingress key is never a config value; export "
-                f"{API_KEY_ENV}=<key> or set serve.api_key_file to a file holding it"
-            )
-        return data
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
-
-
-class RewardConfig(_Section):
+class RewardConfig(ConfigSection):
     """Reward = weighted sum of the reviewer's components (DESIGN §3, Reward)."""
 
     info_gain_weight: float = Field(
@@ -221,7 +68,7 @@ class RewardConfig(_Section):
     )
 
 
-class PolicyConfig(_Section):
+class PolicyConfig(ConfigSection):
     algorithm: Literal["trpo", "ppo"] = "trpo"
     num_env_runners: int = Field(2, ge=0)
     num_envs_per_env_runner: int = Field(1, ge=1)
@@ -241,7 +88,7 @@ class PolicyConfig(_Section):
     seed: int = 0
 
 
-class DatasetConfig(_Section):
+class DatasetConfig(ConfigSection):
     seeds: str = Field("data/seed_instructions.jsonl", description="JSONL / JSON / parquet.")
     strategy: Literal["policy", "wizardlm", "random"] = "policy"
     num_seeds: int | None = Field(None, ge=1, description="Use the first N seeds; None = all.")
@@ -272,7 +119,7 @@ class DatasetConfig(_Section):
     actor_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per Ray Data actor.")
 
 
-class SFTConfig(_Section):
+class SFTConfig(ConfigSection):
     """Stage 3: supervised fine-tuning on Ray Train (``train/sft.py``)."""
 
     base_model: str = Field(EMBEDDED_LLM, description="embedded:<name>, HF model id or local path.")
@@ -331,7 +178,7 @@ class SFTConfig(_Section):
         return self
 
 
-class EvalConfig(_Section):
+class EvalConfig(ConfigSection):
     """Stage 4: benchmarks (lm-eval), membership inference, dataset quality, the report."""
 
     tasks: list[str] = Field(
@@ -370,7 +217,7 @@ class EvalConfig(_Section):
     )
 
 
-class RunConfig(_Section):
+class RunConfig(ConfigSection):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     dir: str = Field("runs", description="Parent of every run directory (relative = cwd).")
     autoscaling_cluster: bool = Field(
@@ -380,10 +227,10 @@ class RunConfig(_Section):
     )
 
 
-class TeamsRLConfig(_Section):
+class TeamsRLConfig(ServingConfig):
+    """The run config: the serving sections (``models``, ``serve``) plus every stage's."""
+
     run: RunConfig = Field(default_factory=RunConfig)
-    models: ModelsConfig = Field(default_factory=ModelsConfig)
-    serve: ServeConfig = Field(default_factory=ServeConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
@@ -412,68 +259,9 @@ class TeamsRLConfig(_Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see configs/demo.yaml for valid keys)"
-        lines.append(f"  {path}: {msg}")
-    return "\n".join(lines)
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"serve.max_batch_size=4"`` -> ``("serve.max_batch_size", 4)``; values parse as YAML."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. serve.max_batch_size=4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from None
-    return key, value
-
-
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> TeamsRLConfig:
     """Read YAML (or start from defaults), apply ``key=value`` overrides, validate."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        data = loaded or {}
-    for item in overrides:
-        key, value = parse_override(item)
-        _set_dotted(data, key, value)
-        source += f" + --set {key}"
-    try:
-        return TeamsRLConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+    return load_yaml_config(TeamsRLConfig, path, overrides)
 
 
 def save_resolved(cfg: TeamsRLConfig, path: Path) -> None:

@@ -44,7 +44,7 @@ class TextEncoder:
 
     def _load(self):
         if self._model is None:
-            from rl_system.models import resolve_model
+            from serve.models import resolve_model
 
             path = Path(resolve_model(self.model_ref))
             if _MeanPooled.handles(path):

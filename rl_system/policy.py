@@ -24,6 +24,11 @@ from typing import Any
 
 from rl_system.actions import ACTION_NAMES
 from rl_system.config import TeamsRLConfig
+from rl_system.placement import (  # noqa: F401 - InsufficientResources: raised by train_policy
+    ENV_RUNNER_CPUS,
+    InsufficientResources,
+    check_env_runner_cpus,
+)
 from rl_system.rundir import (
     COMPLETE,
     INCOMPLETE,
@@ -42,26 +47,24 @@ logger = logging.getLogger(__name__)
 STATE_FILE = MANIFEST  # the stage manifest is stage 1's state
 STAGE = "policy"
 METRICS_FILE = "metrics.jsonl"
-ENV_RUNNER_CPUS = 0.5  # env runners mostly wait on model calls
 
 
 PolicyRunMismatch = RunMismatch  # the run directory holds a policy of another config
 
 
-class InsufficientResources(RuntimeError):
-    """The cluster cannot place what the config asks for."""
-
-
 # What decides the policy; everything else is operational (how fast or how robustly it
 # runs: iterations may grow, env runners, timeouts, retries, rate limits, endpoints).
 ROLE_LINEAGE_KEYS = ("model", "sampling", "score_mode", "script")
+ROLE_LINEAGE_DEFAULTS = {"score_mode": "auto", "script": {}}
 POLICY_OPERATIONAL_KEYS = ("iterations", "num_env_runners", "num_envs_per_env_runner",
                            "sample_timeout_s")
 
 
 def _lineage_hash(cfg: TeamsRLConfig) -> str:
     data = cfg.to_portable_dict()
-    models = {role: {k: data["models"][role][k] for k in ROLE_LINEAGE_KEYS}
+    # A field the role's backend lacks counts as its old default: fingerprints stay stable.
+    models = {role: {k: data["models"][role].get(k, ROLE_LINEAGE_DEFAULTS.get(k))
+                     for k in ROLE_LINEAGE_KEYS}
               for role in ("instructor", "reviewer", "expert")}
     policy = {k: v for k, v in data["policy"].items() if k not in POLICY_OPERATIONAL_KEYS}
     return fingerprint({"models": models, "encoder": data["models"]["encoder"],
@@ -290,22 +293,6 @@ def restore_newest_loadable(algo, candidates: list[Path], *, log: Callable[[str]
     return None
 
 
-def check_resources(cfg: TeamsRLConfig) -> None:
-    """Fail with a clear message, instead of waiting forever, when the cluster can never
-    place ``policy.num_env_runners`` env runners (RLlib would block on them)."""
-    import ray
-
-    needed = cfg.policy.num_env_runners * ENV_RUNNER_CPUS
-    total = ray.cluster_resources().get("CPU", 0.0)
-    free = ray.available_resources().get("CPU", 0.0)
-    if needed > free:
-        raise InsufficientResources(
-            f"policy.num_env_runners={cfg.policy.num_env_runners} needs {needed:g} CPUs but "
-            f"only {free:g} of the cluster's {total:g} are free (Serve replicas hold the rest); "
-            "lower policy.num_env_runners or add CPUs"
-        )
-
-
 def policy_is_done(cfg: TeamsRLConfig) -> bool:
     """Whether ``policy.iterations`` iterations of this same experiment are on disk."""
     state = _read_state(cfg.stage_dir("policy").resolve())
@@ -345,7 +332,7 @@ def _train_policy(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> list[Ite
         log(f"policy: {state['iterations_done']} iterations already done in {policy_dir}")
         return []
 
-    check_resources(cfg)
+    check_env_runner_cpus(cfg)
     algo = algorithm_config(cfg, seeds).build_algo()
     try:
         if state["checkpoint"]:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
-from rl_system.config import ROLES, ConfigError, TeamsRLConfig, load_config
 from serve.auth import check_exposure, load_api_key
 from serve.backends import backend_kwargs
 from serve.backends.vllm_backend import (
@@ -26,12 +26,52 @@ from serve.backends.vllm_backend import (
     llm_config_dict,
     vllm_app_args,
 )
+from serve.config import ROLES, SERVING_SECTIONS, ServingConfig, load_yaml_config
 from serve.deployment import LLMServerSpec
+from serve.errors import ConfigError
 
 SERVED_IN_LLMSERVER = ("transformers", "scripted")
 
 
-def llm_server_specs(cfg: TeamsRLConfig) -> dict[str, LLMServerSpec]:
+@dataclass(frozen=True)
+class GpuDemand:
+    """GPUs something asks Ray for; ``rl_system.placement`` checks them against the cluster."""
+
+    what: str  # who asks, for the message
+    config_key: str  # the setting the count comes from
+    gpus_per_unit: float  # one replica, worker or task: must fit on a single node
+    units: int  # how many run at once
+
+    @property
+    def total(self) -> float:
+        return self.gpus_per_unit * self.units
+
+
+def gpu_demands(cfg: ServingConfig) -> list[GpuDemand]:
+    """GPUs of the role applications' first replicas (``initial_replicas`` each)."""
+    replicas = max(cfg.serve.autoscaling.min_replicas, 1)
+    demands = []
+    if cfg.serve.num_gpus > 0:
+        for name in llm_server_specs(cfg):
+            demands.append(GpuDemand(f"Serve deployment '{name}'", "serve.num_gpus",
+                                     cfg.serve.num_gpus, replicas))
+    seen = set()
+    for role in ROLES:
+        role_cfg = cfg.models.role(role)
+        if role_cfg.backend != "vllm" or role_cfg.model in seen:
+            continue
+        seen.add(role_cfg.model)
+        engine = role_cfg.engine_kwargs
+        gpus = int(engine.get("tensor_parallel_size", 1)) * int(
+            engine.get("pipeline_parallel_size", 1))
+        demands.append(GpuDemand(
+            f"vLLM replica of models.{role} ({role_cfg.model})",
+            f"models.{role}.engine_kwargs.tensor_parallel_size x pipeline_parallel_size",
+            gpus, replicas))
+    return demands
+
+
+def llm_server_specs(cfg: ServingConfig) -> dict[str, LLMServerSpec]:
     """One spec per deployment; roles with the same backend and model share it."""
     specs: dict[str, LLMServerSpec] = {}
     for role in ROLES:
@@ -49,7 +89,7 @@ def llm_server_specs(cfg: TeamsRLConfig) -> dict[str, LLMServerSpec]:
             max_new_tokens_limit=cfg.serve.limits.max_tokens,
         )
         if name in specs and specs[name] != spec:
-            raise ValueError(
+            raise ConfigError(
                 f"models.{role}: shares deployment {name} with another role but differs in "
                 "its script; give it a different model name"
             )
@@ -57,7 +97,7 @@ def llm_server_specs(cfg: TeamsRLConfig) -> dict[str, LLMServerSpec]:
     return specs
 
 
-def deployment_options(cfg: TeamsRLConfig) -> dict[str, Any]:
+def deployment_options(cfg: ServingConfig) -> dict[str, Any]:
     auto = cfg.serve.autoscaling
     return {
         "ray_actor_options": {"num_cpus": cfg.serve.num_cpus, "num_gpus": cfg.serve.num_gpus},
@@ -77,7 +117,7 @@ def deployment_options(cfg: TeamsRLConfig) -> dict[str, Any]:
     }
 
 
-def routes(cfg: TeamsRLConfig) -> dict[str, str]:
+def routes(cfg: ServingConfig) -> dict[str, str]:
     """Ingress routing: a role name or a model reference -> deployment name."""
     table: dict[str, str] = {}
     for role in ROLES:
@@ -88,7 +128,7 @@ def routes(cfg: TeamsRLConfig) -> dict[str, str]:
     return table
 
 
-def build_app(cfg: TeamsRLConfig):
+def build_app(cfg: ServingConfig):
     """The main application: LLMServer deployments behind the OpenAI ingress."""
     from ray import serve
 
@@ -107,9 +147,9 @@ def build_app(cfg: TeamsRLConfig):
     )
 
 
-def vllm_llm_configs(cfg: TeamsRLConfig) -> list[dict[str, Any]]:
+def vllm_llm_configs(cfg: ServingConfig) -> list[dict[str, Any]]:
     """Ray Serve LLM ``LLMConfig`` mappings, one per distinct model among the vllm roles."""
-    from rl_system.models import resolve_model
+    from serve.models import resolve_model
 
     seen, configs = set(), []
     for role in ROLES:
@@ -129,17 +169,19 @@ def vllm_llm_configs(cfg: TeamsRLConfig) -> list[dict[str, Any]]:
 def app_builder(args: dict[str, Any]):
     """Entry for Serve config files: ``import_path: serve.app:app_builder``.
 
-    ``args`` holds either ``config`` (the run config as a mapping) or ``config_path``
-    plus optional ``overrides``. The API key comes from ``$TEAMS_RL_API_KEY``.
+    ``args`` holds either ``config`` (a run config as a mapping; its ``models`` and
+    ``serve`` sections are read) or ``config_path`` plus optional ``overrides``. The API
+    key comes from ``$TEAMS_RL_API_KEY``.
     """
     if "config" in args:
-        cfg = TeamsRLConfig.model_validate(args["config"])
+        cfg = ServingConfig.from_run_config(args["config"])
     else:
-        cfg = load_config(args["config_path"], list(args.get("overrides", [])))
+        cfg = load_yaml_config(ServingConfig, args["config_path"],
+                               list(args.get("overrides", [])), sections=SERVING_SECTIONS)
     return build_app(cfg)
 
 
-def serve_config(cfg: TeamsRLConfig) -> dict[str, Any]:
+def serve_config(cfg: ServingConfig) -> dict[str, Any]:
     """A Serve config (``ServeDeploySchema``) equivalent to ``teams-rl serve``.
 
     The API key is never written: the replicas read ``$TEAMS_RL_API_KEY`` (the cluster
@@ -152,7 +194,7 @@ def serve_config(cfg: TeamsRLConfig) -> dict[str, Any]:
                 "name": cfg.serve.app_name,
                 "route_prefix": "/",
                 "import_path": "serve.app:app_builder",
-                "args": {"config": cfg.to_portable_dict()},
+                "args": {"config": cfg.model_dump(mode="json", include=set(SERVING_SECTIONS))},
             }
         )
     llm_configs = vllm_llm_configs(cfg)
@@ -172,7 +214,7 @@ def serve_config(cfg: TeamsRLConfig) -> dict[str, Any]:
     }
 
 
-def check_key(cfg: TeamsRLConfig) -> bool:
+def check_key(cfg: ServingConfig) -> bool:
     """Whether this process finds the ingress key; a ``serve.host`` other machines can
     reach without one raises ``ConfigError`` (before anything is deployed)."""
     try:
@@ -183,7 +225,7 @@ def check_key(cfg: TeamsRLConfig) -> bool:
     return key is not None
 
 
-def is_deployed(cfg: TeamsRLConfig) -> bool:
+def is_deployed(cfg: ServingConfig) -> bool:
     """Whether the role application already runs on the connected cluster, built from this
     config's roles; one built from other roles under the same name raises ``ConfigError``."""
     from ray import serve
@@ -204,7 +246,7 @@ def is_deployed(cfg: TeamsRLConfig) -> bool:
     return True
 
 
-def ensure_deployed(cfg: TeamsRLConfig, *, holder: str | None = None) -> str:
+def ensure_deployed(cfg: ServingConfig, *, holder: str | None = None) -> str:
     """Deploy the roles unless they already run (a stage reuses a running ``teams-rl serve``).
 
     ``holder`` (a run directory) takes a lease on the application: ``undeploy`` with the
@@ -220,16 +262,15 @@ def ensure_deployed(cfg: TeamsRLConfig, *, holder: str | None = None) -> str:
     return cfg.serve.base_url
 
 
-def deploy(cfg: TeamsRLConfig) -> str:
+def deploy(cfg: ServingConfig) -> str:
     """Start Serve on the connected Ray cluster and run every role application.
 
     Returns the ingress base URL once every replica is ready. Ray must be initialised.
+    Callers check ``gpu_demands`` against the cluster first (``rl_system.placement``): a
+    replica no node can hold would never start.
     """
     from ray import serve
 
-    from rl_system.placement import check_gpu_demands
-
-    check_gpu_demands(cfg, stages=["serve"])  # a replica no node can hold would never start
     check_key(cfg)  # the replicas check again, with their own environment
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     if llm_server_specs(cfg):
@@ -243,7 +284,7 @@ def deploy(cfg: TeamsRLConfig) -> str:
 
 
 
-def undeploy(cfg: TeamsRLConfig, *, holder: str | None = None) -> bool:
+def undeploy(cfg: ServingConfig, *, holder: str | None = None) -> bool:
     """Release ``holder``'s lease; delete the role applications (freeing their CPUs, GPUs
     and memory) once no run holds one and a run of ours started them. Returns whether
     they were deleted."""
@@ -258,11 +299,14 @@ def undeploy(cfg: TeamsRLConfig, *, holder: str | None = None) -> bool:
     return True
 
 
-def role_fingerprint(cfg: TeamsRLConfig) -> str:
+def role_fingerprint(cfg: ServingConfig) -> str:
     """What the role applications are built from (not how clients reach them)."""
-    data = cfg.to_portable_dict()
-    roles = {r: {k: data["models"][r][k] for k in ("backend", "model", "script", "engine_kwargs",
-                                                   "accelerator_type")} for r in ROLES}
+    data = cfg.model_dump(mode="json", include=set(SERVING_SECTIONS))
+    # Fields a backend lacks count as their old defaults, so fingerprints stay stable.
+    built_from = {"script": {}, "engine_kwargs": {}, "accelerator_type": None}
+    roles = {r: {"backend": data["models"][r]["backend"], "model": data["models"][r]["model"],
+                 **{k: data["models"][r].get(k, d) for k, d in built_from.items()}}
+             for r in ROLES}
     serving = {k: v for k, v in data["serve"].items()
                if k not in ("host", "port", "api_key", "api_key_file", "app_name")}
     blob = json.dumps({"roles": roles, "serve": serving}, sort_keys=True, default=str)

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from serve.errors import TeamsRLError
 from serve.protocol import (
     BackendError,
     BackendTimeoutError,
@@ -47,7 +48,7 @@ TOP_LOGPROBS_FLOOR = -30.0
 RATE_LIMIT_NAMESPACE = "teams-rl"
 
 
-class LLMCallError(RuntimeError):
+class LLMCallError(TeamsRLError):
     """A model call failed or timed out; ``role`` says which role, the message says why.
 
     ``transient`` (from the backend's error; see ``BackendError``): the call may succeed
@@ -321,7 +322,7 @@ def chat_tokenizer(model: str):
         if model not in _TOKENIZERS:
             import transformers
 
-            from rl_system.models import resolve_model
+            from serve.models import resolve_model
 
             _TOKENIZERS[model] = transformers.AutoTokenizer.from_pretrained(resolve_model(model))
         return _TOKENIZERS[model]

@@ -18,7 +18,7 @@ def write_tiny_llama(target: Path, *, seed: int = 0) -> Path:
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     from rl_system.config import EMBEDDED_LLM
-    from rl_system.models import resolve_model
+    from serve.models import resolve_model
 
     if (target / "config.json").exists():
         return target

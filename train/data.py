@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from rl_system.tasks import task_text
+from serve.errors import TeamsRLError
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 ROWS_PER_BLOCK = 4096  # records per tokenized Ray Data block
@@ -56,7 +57,7 @@ ALPACA_PROMPT_WITH_INPUT = (
 )
 
 
-class SFTDataError(ValueError):
+class SFTDataError(TeamsRLError, ValueError):
     """The SFT dataset cannot be used; the message names the file and the fix."""
 
 
@@ -327,7 +328,7 @@ def load_tokenizer(model_ref: str) -> Any:
     """Tokenizer of ``model_ref`` (embedded name, path or HF id), once per process."""
     from transformers import AutoTokenizer
 
-    from rl_system.models import resolve_model
+    from serve.models import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model(model_ref))
 

@@ -442,7 +442,7 @@ class SFTRecipe:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from rl_system.models import resolve_model
+        from serve.models import resolve_model
 
         # Every rank reads the full fp32 weights once before sharding; fine for models
         # that fit in host memory (a meta-device + broadcast load would lift that).
@@ -680,7 +680,7 @@ class SFTRecipe:
             return
         from transformers import AutoModelForCausalLM, GenerationConfig
 
-        from rl_system.models import resolve_model
+        from serve.models import resolve_model
 
         base = resolve_model(self.sft.base_model)
         final = Path(self.plan.final_dir)

@@ -49,14 +49,6 @@ if TYPE_CHECKING:
 
 # Per-module keys of the learner results (besides RLlib's `policy_loss`, `vf_loss`,
 # `entropy`), e.g. result["learners"]["default_policy"]["mean_kl"].
-LEARNER_RESULTS_MEAN_KL_KEY = "mean_kl"
-LEARNER_RESULTS_SURROGATE_IMPROVEMENT_KEY = "surrogate_improvement"
-LEARNER_RESULTS_EXPECTED_IMPROVEMENT_KEY = "expected_improvement"
-LEARNER_RESULTS_LINE_SEARCH_ACCEPTED_KEY = "line_search_accepted"
-LEARNER_RESULTS_LINE_SEARCH_STEPS_KEY = "line_search_steps"
-LEARNER_RESULTS_STEP_FRACTION_KEY = "step_fraction"
-LEARNER_RESULTS_POLICY_GRAD_NORM_KEY = "policy_grad_norm"
-LEARNER_RESULTS_VF_EXPLAINED_VAR_KEY = "vf_explained_var"
 
 
 class TRPOConfig(AlgorithmConfig):

@@ -10,6 +10,16 @@ from ray.rllib.core.learner.learner import Learner
 from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
 from ray.rllib.utils.annotations import override
 
+# What the TRPO update reports per module (learner results, beside RLlib's own keys).
+LEARNER_RESULTS_MEAN_KL_KEY = "mean_kl"
+LEARNER_RESULTS_SURROGATE_IMPROVEMENT_KEY = "surrogate_improvement"
+LEARNER_RESULTS_EXPECTED_IMPROVEMENT_KEY = "expected_improvement"
+LEARNER_RESULTS_LINE_SEARCH_ACCEPTED_KEY = "line_search_accepted"
+LEARNER_RESULTS_LINE_SEARCH_STEPS_KEY = "line_search_steps"
+LEARNER_RESULTS_STEP_FRACTION_KEY = "step_fraction"
+LEARNER_RESULTS_POLICY_GRAD_NORM_KEY = "policy_grad_norm"
+LEARNER_RESULTS_VF_EXPLAINED_VAR_KEY = "vf_explained_var"
+
 
 class TRPOLearner(Learner):
     """Adds GAE advantages and value targets to the train batch, as PPOLearner does."""

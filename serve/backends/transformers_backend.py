@@ -62,8 +62,8 @@ class TransformersBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from rl_system.models import resolve_model
         from serve.devices import resolve_dtype, torch_dtype
+        from serve.models import resolve_model
 
         if self._torch_threads:
             torch.set_num_threads(self._torch_threads)

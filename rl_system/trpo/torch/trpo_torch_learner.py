@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from rl_system.trpo.cg import (
     surrogate_advantage,
     trpo_step,
 )
-from rl_system.trpo.trpo import (
+from rl_system.trpo.trpo_learner import (
     LEARNER_RESULTS_EXPECTED_IMPROVEMENT_KEY,
     LEARNER_RESULTS_LINE_SEARCH_ACCEPTED_KEY,
     LEARNER_RESULTS_LINE_SEARCH_STEPS_KEY,
@@ -31,9 +31,11 @@ from rl_system.trpo.trpo import (
     LEARNER_RESULTS_STEP_FRACTION_KEY,
     LEARNER_RESULTS_SURROGATE_IMPROVEMENT_KEY,
     LEARNER_RESULTS_VF_EXPLAINED_VAR_KEY,
-    TRPOConfig,
+    TRPOLearner,
 )
-from rl_system.trpo.trpo_learner import TRPOLearner
+
+if TYPE_CHECKING:  # the algorithm module imports this learner: annotations only
+    from rl_system.trpo.trpo import TRPOConfig
 
 VALUE_OPTIMIZER = "value_function"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from rl_system.config import load_config
-from rl_system.placement import UnplaceableRequest, check_gpu_demands, gpu_demands
+from rl_system.placement import InsufficientResources, check_gpu_demands, gpu_demands
 
 ALL_STAGES = ("serve", "policy", "dataset", "sft", "eval")
 
@@ -47,7 +47,7 @@ def test_vllm_replica_needs_tensor_times_pipeline_parallel_gpus():
     (["eval.num_gpus=4"], r"lm-eval task asks for 4 GPU on one node \(eval.num_gpus\)"),
 ])
 def test_requests_beyond_the_cluster_are_refused_with_the_key(ray_session, overrides, message):
-    with pytest.raises(UnplaceableRequest, match=message) as err:
+    with pytest.raises(InsufficientResources, match=message) as err:
         check_gpu_demands(_cfg(*overrides), stages=ALL_STAGES)
     assert "run.autoscaling_cluster=true" in str(err.value)
 

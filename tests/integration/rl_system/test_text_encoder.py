@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from rl_system.encoders import TextEncoder, _MeanPooled, _SentenceTransformer
-from rl_system.models import resolve_model
+from serve.models import resolve_model
 
 TEXTS = ["How do tides work?", "x", "Write a haiku about autumn rain.",
          "Compare TCP and UDP, with an example of when each is the better choice. " * 12]

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from rl_system.config import EvalConfig
-from rl_system.models import resolve_model
+from serve.models import resolve_model
 from tests.integration.test_report import check_lm_eval_task, check_mia_attacks, make_run
 from train.evaluate import TaskNotFoundError, run_lm_eval
 from train.report import build_report, evaluate_run

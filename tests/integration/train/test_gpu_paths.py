@@ -22,7 +22,7 @@ pytestmark = pytest.mark.gpu
 def model_dir() -> str:
     if os.environ.get("TEAMS_RL_GPU_TEST_MODEL"):
         return os.environ["TEAMS_RL_GPU_TEST_MODEL"]
-    from rl_system.models import resolve_model
+    from serve.models import resolve_model
 
     return resolve_model("embedded:smollm2-135m-instruct")
 

@@ -18,7 +18,7 @@ def test_packed_examples_do_not_see_each_other(tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rl_system.models import resolve_model
+    from serve.models import resolve_model
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(EMBEDDED_LLM),
                                                  dtype=torch.float32).eval()

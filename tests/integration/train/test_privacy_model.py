@@ -37,7 +37,7 @@ def memorised_model(tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from rl_system.models import resolve_model
+    from serve.models import resolve_model
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(resolve_model("embedded:smollm2-135m-instruct"))

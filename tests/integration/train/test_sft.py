@@ -181,7 +181,7 @@ EXPORT_CHECK = textwrap.dedent(
 
 @pytest.mark.slow
 def test_export_loads_in_a_fresh_process_and_generates(trained):
-    from rl_system.models import resolve_model
+    from serve.models import resolve_model
 
     final = trained["final"]
     assert final == trained["stage"].resolve() / "final"

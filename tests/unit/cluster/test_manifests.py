@@ -22,7 +22,7 @@ from ray.runtime_env import RuntimeEnv
 from ray.serve.schema import ServeDeploySchema
 
 from rl_system.cli import main
-from rl_system.config import ModelRoleConfig, load_config
+from rl_system.config import load_config, role_config
 from serve.backends.vllm_backend import KEYED_INGRESS
 
 REPO = Path(__file__).resolve().parents[3]
@@ -163,7 +163,7 @@ def test_gpu_cluster_config_starts_with_its_command_and_its_openai_alternative_v
         if not line.startswith("  # "):
             break
         block.append(line[len("  # "):])
-    role = ModelRoleConfig.model_validate(yaml.safe_load("\n".join(block))["expert"])
+    role = role_config(yaml.safe_load("\n".join(block))["expert"])
     assert role.backend == "openai" and role.api_key_env == "OPENAI_API_KEY"
 
 

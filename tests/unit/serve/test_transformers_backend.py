@@ -22,7 +22,7 @@ def tiny_model_dir(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from rl_system.models import ModelNotFoundError, resolve_model
+    from serve.models import ModelNotFoundError, resolve_model
 
     try:
         tokenizer_dir = resolve_model(EMBEDDED_LLM, prepare=False)
