@@ -1,13 +1,15 @@
 """The reviewer: how much an evolution added, whether it survives, and its reward.
 
-``info_gain`` follows RLAIF's token-probability labelling: the reviewer LLM is asked
-whether two instructions are equal in constraints, depth and breadth, and the
-probability it gives "Not Equal" (normalised over the two verdicts) is averaged over both
-presentation orders to cancel position bias. A small reviewer also finds *identical*
-instructions somewhat unequal, so the score is calibrated against the same reviewer's
-self-pair P(not equal | before, before):
+``info_gain`` comes from the judge mode ``policy.reward.judge`` (``rl_system.judges``, a
+catalogue): the reviewer LLM's label log-probabilities, normalised over the labels (RLAIF's
+token-probability labelling), averaged over the mode's presentation orders to cancel
+position bias and calibrated against what the same judge says when nothing changed:
 
-    info_gain = max(0, raw - self_pair) / (1 - self_pair)
+    info_gain = max(0, raw - self_pair) / (1 - self_pair)      in [0, 1]
+
+``equality`` (the paper's) asks whether the two instructions are equal; ``preference``
+which one demands more; ``rating`` how much each demands; ``cot`` writes a short rationale
+before it answers. A measured self-pair is asked once per original and cached.
 
 The elimination rules are Evol-Instruct's (WizardLM, Xu et al. 2023, section 3.3), kept
 here as one catalogue (:data:`ELIMINATION_RULES`) that the environment and the dataset
@@ -33,7 +35,6 @@ rules 2 and 3 can only be checked once the response exists).
 
 from __future__ import annotations
 
-import math
 import re
 import string
 from collections import OrderedDict
@@ -44,17 +45,16 @@ from typing import Literal
 import numpy as np
 
 from rl_system.actions import REQUEST_PHRASES
-from rl_system.tasks import Task
-
-VERDICTS = ("Equal", "Not Equal")
-
-JUDGE_PROMPT = (
-    "Compare two instructions for an AI assistant. They are equal only if they ask for "
-    "the same thing with the same constraints and requirements, the same depth of "
-    "inquiry and the same breadth of topic. Answer with exactly one of: Equal, Not Equal.\n\n"
-    "First instruction: <<<{first}>>>\n"
-    "Second instruction: <<<{second}>>>"
+from rl_system.judges import (
+    JudgeResult,
+    get_judge,
+    judge_requests,
+    judge_value,
+    rationale_requests,
+    self_pair_request,
+    self_pair_value,
 )
+from rl_system.tasks import Task
 
 # Rule 4: the words of Evol-Instruct's prompts (its own list and the labels its
 # templates use) plus labels an instructor writes when it echoes a rewriting request;
@@ -189,13 +189,13 @@ def eliminate_response(response: str, task=None):
 @dataclass(frozen=True)
 class Review:
     info_gain: float  # calibrated, in [0, 1]
-    info_gain_raw: float  # P(not equal), averaged over both orders
-    info_gain_first_order: float  # (before, after)
-    info_gain_second_order: float  # (after, before)
-    self_pair: float  # P(not equal | before, before)
+    info_gain_raw: float  # the judge's score, averaged over its presentation orders
+    info_gain_first_order: float  # e.g. (before, after)
+    info_gain_second_order: float  # e.g. (after, before); = first for one-order judges
+    self_pair: float  # the judge's score when nothing changed (the calibration reference)
     eliminated: str | None
     diversity: float  # 1 - max cosine to the episode's earlier instructions; 0 without any
-    query_cost: int  # model queries spent on this evolution and its review
+    query_cost: int  # queries one step costs: the rewrite and the judge's (constant per mode)
     reward: float
 
     def as_dict(self) -> dict:
@@ -208,46 +208,38 @@ REVIEW_SCORES: tuple[str, ...] = tuple(
 )
 
 
-def p_not_equal(logprobs: Sequence[float]) -> float:
-    """P("Not Equal") normalised over the two verdicts, from their log-probabilities."""
-    lp_equal, lp_not = logprobs
-    top = max(lp_equal, lp_not)
-    e, n = math.exp(lp_equal - top), math.exp(lp_not - top)
-    return n / (e + n)
-
-
 class Reviewer:
     def __init__(self, client, *, reward, text_encoder=None, self_pair_cache_size: int = 4096):
         """``client``: an ``LLMClient`` for the reviewer role; ``reward``: ``RewardConfig``."""
         self.client = client
         self.reward_cfg = reward
+        self.judge = get_judge(reward.judge)
         self.text_encoder = text_encoder
         self._self_pair: OrderedDict[str, float] = OrderedDict()
         self._cache_size = self_pair_cache_size
 
-    @staticmethod
-    def judge_prompt(first: str, second: str) -> str:
-        return JUDGE_PROMPT.format(first=first, second=second)
-
-    def info_gain(self, before: str, after: str) -> tuple[float, float, float, float]:
-        """(first order, second order, self pair, raw mean) — one batched scoring call."""
-        items = [
-            (self.judge_prompt(before, after), VERDICTS),
-            (self.judge_prompt(after, before), VERDICTS),
-        ]
-        cached = self._self_pair.get(before)
-        if cached is None:
-            items.append((self.judge_prompt(before, before), VERDICTS))
-        scores = [p_not_equal(lp) for lp in self.client.score_many(items)]
-        if cached is None:
-            cached = scores[2]
-            self._self_pair[before] = cached
+    def info_gain(self, before: str, after: str) -> JudgeResult:
+        """The judge's verdict on ``before`` -> ``after``: its rationales (``cot``) in one
+        generate call, then one batched scoring call (with the self-pair, unless cached)."""
+        judge = self.judge
+        rationales = []
+        if judge.rationale is not None:
+            requests = rationale_requests(judge, before, after)
+            rationales = [c.text for c in self.client.generate(requests)]
+        items = judge_requests(judge, before, after, rationales=rationales)
+        reference = self._self_pair.get(before) if judge.measures_self_pair else None
+        ask_self_pair = judge.measures_self_pair and reference is None
+        if ask_self_pair:
+            items.append(self_pair_request(judge, before))
+        answers = self.client.score_many(items)
+        if ask_self_pair:
+            reference = self_pair_value(judge, answers.pop())
+            self._self_pair[before] = reference
             if len(self._self_pair) > self._cache_size:
                 self._self_pair.popitem(last=False)
-        else:
+        elif reference is not None:
             self._self_pair.move_to_end(before)
-        first, second = scores[0], scores[1]
-        return first, second, cached, (first + second) / 2
+        return judge_value(judge, answers, self_pair=reference)
 
     def diversity(self, after: str, history: Sequence[str]) -> float:
         if self.text_encoder is None or not history:
@@ -287,20 +279,21 @@ class Reviewer:
                 reward=self._reward(calibrated=0.0, raw=0.0, diversity=0.0,
                                     query_cost=generation_queries, eliminated=eliminated),
             )
-        queries_before = self.client.usage.queries
-        first, second, self_pair, raw = self.info_gain(before.text, after.text)
-        calibrated = max(0.0, raw - self_pair) / max(1e-6, 1.0 - self_pair)
+        verdict = self.info_gain(before.text, after.text)
+        calibrated, raw = verdict.value, verdict.raw
         eliminated = eliminate(
             before, after, calibrated, min_info_gain=self.reward_cfg.min_info_gain
         )
         diversity = self.diversity(after.instruction, history)
-        query_cost = generation_queries + (self.client.usage.queries - queries_before)
+        # The cost a step *asks*, the same whether the self-pair came from the cache or not:
+        # a reward must not depend on what an earlier step happened to ask.
+        query_cost = generation_queries + self.judge.queries_per_pair()
         return Review(
             info_gain=calibrated,
             info_gain_raw=raw,
-            info_gain_first_order=first,
-            info_gain_second_order=second,
-            self_pair=self_pair,
+            info_gain_first_order=verdict.first_order,
+            info_gain_second_order=verdict.second_order,
+            self_pair=verdict.self_pair,
             eliminated=eliminated,
             diversity=diversity,
             query_cost=query_cost,

@@ -10,6 +10,7 @@ import pytest
 from rl_system import judges
 from rl_system.config import RewardConfig
 from rl_system.judges import (
+    EQUALITY_PROMPT,
     JUDGES,
     judge_many,
     judge_requests,
@@ -18,7 +19,7 @@ from rl_system.judges import (
     self_pair_request,
     self_pair_value,
 )
-from rl_system.reviewer import Reviewer, p_not_equal
+from rl_system.reviewer import Reviewer
 
 BEFORE = "Write a poem about the sea."
 AFTER = "Write a sonnet about the sea at night, in iambic pentameter, with an ABAB rhyme."
@@ -36,8 +37,10 @@ def test_config_literal_lists_every_catalogue_mode():
 def test_equality_prompts_are_todays_reviewer_prompts():
     eq = JUDGES["equality"]
     prompts = [p for p, _ in judge_requests(eq, BEFORE, AFTER)]
-    assert prompts == [Reviewer.judge_prompt(BEFORE, AFTER), Reviewer.judge_prompt(AFTER, BEFORE)]
-    assert self_pair_request(eq, BEFORE) == (Reviewer.judge_prompt(BEFORE, BEFORE), eq.labels)
+    assert prompts == [EQUALITY_PROMPT.format(first=BEFORE, second=AFTER),
+                       EQUALITY_PROMPT.format(first=AFTER, second=BEFORE)]
+    assert self_pair_request(eq, BEFORE) == (
+        EQUALITY_PROMPT.format(first=BEFORE, second=BEFORE), eq.labels)
     assert all(c == ("Equal", "Not Equal") for _, c in judge_requests(eq, BEFORE, AFTER))
 
 
@@ -49,8 +52,12 @@ def test_equality_prompts_are_todays_reviewer_prompts():
         (lp(0.9, 0.1), lp(0.8, 0.2), lp(0.4, 0.6)),  # judged less unequal than the self-pair
     ],
 )
-def test_equality_reproduces_reviewer_info_gain_and_calibration(first, second, self_lp):
-    # today's Reviewer.info_gain + Reviewer.review's calibration, spelled out
+def test_equality_reproduces_the_papers_info_gain_and_calibration(first, second, self_lp):
+    # P(Not Equal) normalised over the two verdicts, both orders, calibrated: spelled out
+    def p_not_equal(logprobs):
+        equal, not_equal = (math.exp(x) for x in logprobs)
+        return not_equal / (equal + not_equal)
+
     p1, p2, sp = p_not_equal(first), p_not_equal(second), p_not_equal(self_lp)
     raw = (p1 + p2) / 2
     calibrated = max(0.0, raw - sp) / max(1e-6, 1.0 - sp)
@@ -80,9 +87,9 @@ class _TableClient:
 def test_equality_through_judge_many_matches_reviewer_info_gain_on_the_same_client():
     eq = JUDGES["equality"]
     table = {
-        Reviewer.judge_prompt(BEFORE, AFTER): lp(0.3, 0.7),
-        Reviewer.judge_prompt(AFTER, BEFORE): lp(0.45, 0.55),
-        Reviewer.judge_prompt(BEFORE, BEFORE): lp(0.92, 0.08),
+        EQUALITY_PROMPT.format(first=BEFORE, second=AFTER): lp(0.3, 0.7),
+        EQUALITY_PROMPT.format(first=AFTER, second=BEFORE): lp(0.45, 0.55),
+        EQUALITY_PROMPT.format(first=BEFORE, second=BEFORE): lp(0.92, 0.08),
     }
 
     class _Usage:
@@ -90,12 +97,11 @@ def test_equality_through_judge_many_matches_reviewer_info_gain_on_the_same_clie
 
     client = _TableClient(table)
     client.usage = _Usage()
-    first, second, self_pair, raw = Reviewer(client, reward=RewardConfig()).info_gain(BEFORE, AFTER)
+    review = Reviewer(client, reward=RewardConfig(judge="equality")).info_gain(BEFORE, AFTER)
     (got,) = judge_many(client, eq, [(BEFORE, AFTER)])
-    assert (got.first_order, got.second_order, got.self_pair, got.raw) == pytest.approx(
-        (first, second, self_pair, raw), abs=1e-15
-    )
-    assert got.value == pytest.approx(max(0.0, raw - self_pair) / (1 - self_pair), abs=1e-15)
+    assert got == review
+    assert got.value == pytest.approx(
+        max(0.0, got.raw - got.self_pair) / (1 - got.self_pair), abs=1e-15)
 
 
 @pytest.mark.parametrize("mode", ["equality", "preference", "rating", "cot"])
@@ -189,9 +195,9 @@ def test_judge_many_batches_one_score_call_and_asks_each_self_pair_once():
     rewrites = [(BEFORE, AFTER), (BEFORE, AFTER + " Add a title."), (other, other + " In Python.")]
     table = {}
     for b, a in rewrites:
-        table[Reviewer.judge_prompt(b, a)] = lp(0.2, 0.8)
-        table[Reviewer.judge_prompt(a, b)] = lp(0.4, 0.6)
-        table[Reviewer.judge_prompt(b, b)] = lp(0.9, 0.1)
+        table[EQUALITY_PROMPT.format(first=b, second=a)] = lp(0.2, 0.8)
+        table[EQUALITY_PROMPT.format(first=a, second=b)] = lp(0.4, 0.6)
+        table[EQUALITY_PROMPT.format(first=b, second=b)] = lp(0.9, 0.1)
     client = _TableClient(table)
     cache: dict[str, float] = {}
     results = judge_many(client, eq, rewrites, self_pairs=cache)

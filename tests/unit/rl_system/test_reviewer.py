@@ -13,7 +13,6 @@ from rl_system.reviewer import (
     Reviewer,
     eliminate,
     eliminate_response,
-    p_not_equal,
 )
 from rl_system.tasks import Task
 
@@ -111,11 +110,6 @@ def test_low_info_gain_is_eliminated_even_when_text_differs():
     assert set(RULE_NAMES) >= {"no_info_gain", "template_copied"}
 
 
-def test_p_not_equal_normalises_over_the_two_verdicts():
-    assert p_not_equal([math.log(0.2), math.log(0.6)]) == pytest.approx(0.75)
-    assert p_not_equal([-1000.0, 0.0]) == pytest.approx(1.0)
-
-
 class _FixedScores:
     """Algorithm-test double: answers score_many from a table keyed by the two texts."""
 
@@ -143,12 +137,55 @@ def test_review_averages_orders_calibrates_and_weights():
     assert review.info_gain_second_order == pytest.approx(0.7)
     assert review.info_gain_raw == pytest.approx(0.8)
     assert review.info_gain == pytest.approx((0.8 - 0.2) / 0.8)
-    assert review.query_cost == 4  # one rewrite + three verdicts
+    assert review.query_cost == 4  # one rewrite + two orders + the self-pair
     assert review.reward == pytest.approx(review.info_gain - 0.04)
-    # the self-pair of an instruction is asked once, then cached
-    again = Reviewer(client, reward=reward)
-    again.review(SEED, after)
-    assert again.review(SEED, after).query_cost == 3
+
+
+def test_the_self_pair_is_asked_once_yet_every_step_costs_the_same():
+    # A reward must not depend on what an earlier step happened to ask: before, a step
+    # whose self-pair was cached cost 3 queries and the first one 4.
+    after = "Write a sonnet about the sea at night."
+    client = _FixedScores({(SEED, after): 0.9, (after, SEED): 0.7, (SEED, SEED): 0.2})
+    reviewer = Reviewer(client, reward=RewardConfig(query_cost_weight=0.01))
+    first = reviewer.review(SEED, after)
+    asked = client.usage.queries
+    second = reviewer.review(SEED, after)
+    assert client.usage.queries - asked == 2  # the cached self-pair is not asked again
+    assert first.query_cost == second.query_cost == 4
+    assert first.reward == pytest.approx(second.reward)
+
+
+class _PreferenceTable:
+    """Algorithm-test double for the preference judge: P("2") by which slot holds what."""
+
+    def __init__(self, p_second_when_after_second: float, p_second_when_after_first: float):
+        self.p = (p_second_when_after_second, p_second_when_after_first)
+        self.usage = type("U", (), {"queries": 0})()
+        self.prompts = []
+
+    def score_many(self, items):
+        out = []
+        for prompt, labels in items:
+            assert labels == ("1", "2")
+            self.prompts.append(prompt)
+            p2 = self.p[0] if prompt.index(SEED) < prompt.index("sonnet") else self.p[1]
+            out.append([math.log(1 - p2), math.log(p2)])
+            self.usage.queries += 1
+        return out
+
+
+def test_the_configured_judge_mode_produces_info_gain():
+    after = "Write a sonnet about the sea at night."
+    client = _PreferenceTable(0.9, 0.3)  # the rewrite wins 0.9 as "2" and 0.7 as "1"
+    reward = RewardConfig(judge="preference", diversity_weight=0.0)
+    review = Reviewer(client, reward=reward).review(SEED, after)
+    assert len(client.prompts) == 2  # both orders; the self-pair is 1/2 by symmetry, not asked
+    assert review.info_gain_first_order == pytest.approx(0.9)
+    assert review.info_gain_second_order == pytest.approx(0.7)
+    assert review.info_gain_raw == pytest.approx(0.8)
+    assert review.self_pair == 0.5
+    assert review.info_gain == pytest.approx((0.8 - 0.5) / 0.5)
+    assert review.query_cost == 3  # one rewrite + two orders
 
 
 def test_eliminated_rewrite_is_penalised():

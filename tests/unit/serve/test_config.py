@@ -35,7 +35,8 @@ def test_a_field_of_another_backend_is_refused_with_its_path():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["models.expert.base_url=http://localhost:9000/v1"])
     message = str(err.value)
-    assert "models.expert.base_url: a field of backend vllm / openai, not of transformers" in message
+    assert ("models.expert.base_url: a field of backend vllm / openai, not of transformers"
+            in message)
     assert "transformers.base_url" not in message  # the union's tag is not part of the path
 
 
