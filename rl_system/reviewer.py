@@ -28,7 +28,16 @@ filter share. Each rule says what it judges:
    (``rl_system.actions.REQUEST_PHRASES``), or comes back inside our ``<<< >>>``
    delimiters. Code inside an instruction (a Python doctest's ``>>>``) is not a copy.
 
-``too_short`` (the instruction: empty, or under three words) is ours, not the paper's.
+Ours, not the paper's, all judging the instruction by its text alone (a 135M reviewer
+cannot tell these rewrites from good ones; ``teams-rl reviewer-check`` measures it):
+``too_short`` (empty, or under three words); ``refused`` (the instructor declined or
+apologised instead of rewriting: the text opens with a first-person refusal);
+``repetitive`` (a sentence repeated, or one word 3-gram four times or more, the kind of
+loop a small model falls into); ``garbled`` (two or more doubled adjacent words, "the
+the"); ``truncated`` (cut off: an unclosed code fence or bracket, or a last word that
+cannot end a sentence: an article, a conjunction, a possessive). None of them fires on any of the
+project's 333 seed instructions or on the good rewrites of ``data/reviewer_pairs.jsonl``
+(``tests/unit/rl_system/test_reviewer.py``).
 Stage 1 has no response, so only the instruction rules apply there (as in WizardLM, where
 rules 2 and 3 can only be checked once the response exists).
 """
@@ -37,7 +46,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
@@ -75,6 +84,16 @@ _DELIMITED = re.compile(r"^\s*<<<|>>>\s*$")
 REFUSAL_PHRASES = ("sorry", "i cannot", "i can't", "i am unable", "as an ai", "i'm unable")
 REFUSAL_MAX_WORDS = 80  # Evol-Instruct: a refusal-like response shorter than this is dropped
 MIN_WORDS = 3
+REFUSAL_OPENERS = ("i'm sorry", "i am sorry", "sorry,", "i cannot", "i can't", "i am unable",
+                   "i'm unable", "as an ai")
+REPEATED_TRIGRAM_COUNT = 4  # one word 3-gram this often: a loop, not emphasis
+DOUBLED_WORDS_COUNT = 2  # "the the" twice in one instruction: not a typo any more
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+_CLEAN_ENDING = tuple(".?!:)]}\"'`*")
+# Words a finished sentence does not end on (an article, a conjunction, a possessive...);
+# prepositions are left out: "what is it made of" is a whole question.
+DANGLING_WORDS = frozenset(
+    "the an and or but nor its their his my your our whose including between than as".split())
 
 STOP_WORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before
@@ -133,6 +152,36 @@ def copies_template(instruction: str) -> bool:
     return any(p in low for p in TEMPLATE_PHRASES) or bool(_DELIMITED.search(instruction))
 
 
+def refused_rewrite(instruction: str) -> bool:
+    low = instruction.strip().lstrip("\"'\u201c ").lower()
+    return low.startswith(REFUSAL_OPENERS) or "as an ai language model" in low
+
+
+def repetitive(text: str) -> bool:
+    words = _words(text)
+    trigrams = Counter(zip(words, words[1:], words[2:], strict=False))
+    if trigrams and max(trigrams.values()) >= REPEATED_TRIGRAM_COUNT:
+        return True
+    sentences = [s.strip().lower() for s in _SENTENCE_END.split(text) if len(s.split()) >= 3]
+    return len(sentences) > len(set(sentences))
+
+
+def garbled(text: str) -> bool:
+    words = _words(text)
+    return sum(a == b for a, b in zip(words, words[1:], strict=False)) >= DOUBLED_WORDS_COUNT
+
+
+def truncated(text: str) -> bool:
+    text = text.rstrip()
+    if text.count("```") % 2 or text.count("(") > text.count(")") or (
+            text.count("[") > text.count("]")):
+        return True
+    words = _words(text)
+    if not words or text.endswith(_CLEAN_ENDING):
+        return False
+    return words[-1] in DANGLING_WORDS
+
+
 def _no_gain(e: Evidence) -> bool:
     return _normalise(e.after.text) == _normalise(e.before.text) or e.info_gain <= e.min_info_gain
 
@@ -147,6 +196,27 @@ ELIMINATION_RULES: tuple[EliminationRule, ...] = (
         "template_copied", "instruction", "Evol-Instruct rule 4",
         "the evolved instruction copies words of the rewriting request",
         lambda e: copies_template(e.after.instruction),
+    ),
+    EliminationRule(
+        "refused", "instruction", "ours",
+        "the instructor declined or apologised instead of rewriting",
+        lambda e: refused_rewrite(e.after.instruction),
+    ),
+    EliminationRule(
+        "repetitive", "instruction", "ours",
+        f"a sentence repeated, or a word 3-gram {REPEATED_TRIGRAM_COUNT} times or more",
+        lambda e: repetitive(e.after.instruction),
+    ),
+    EliminationRule(
+        "garbled", "instruction", "ours",
+        f"{DOUBLED_WORDS_COUNT} or more doubled adjacent words",
+        lambda e: garbled(e.after.instruction),
+    ),
+    EliminationRule(
+        "truncated", "instruction", "ours",
+        "cut off: an unclosed code fence or bracket, or it ends on an article, a conjunction "
+        "or a possessive",
+        lambda e: truncated(e.after.instruction),
     ),
     EliminationRule(
         "no_info_gain", "instruction", "Evol-Instruct rule 1",

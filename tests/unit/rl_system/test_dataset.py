@@ -34,6 +34,8 @@ from rl_system.strategies import (
 from serve.client import LLMCallError, Usage
 from serve.protocol import Completion
 
+ROUND_WORDS = [f"(step {i + 1})" for i in range(64)]
+
 
 class FakeClient:
     """Stands in for ``LLMClient``: appends a word; reviewer prefers 'Not Equal' if texts differ."""
@@ -62,7 +64,8 @@ class FakeClient:
                 out.append(Completion(text=self.reply, prompt_tokens=3, completion_tokens=2))
                 continue
             inner = text.split("<<<")[-1].split(">>>")[0]
-            reply = "" if self.empty else f"{inner} carefully"
+            # a different word each round: a word doubled twice reads as garbled text
+            reply = "" if self.empty else f"{inner} {ROUND_WORDS[inner.count(' (')]}"
             out.append(Completion(text=reply, prompt_tokens=3, completion_tokens=2))
         return out
 
@@ -100,7 +103,7 @@ def test_episode_keeps_every_survivor_and_splits_cost():
         result, expert = episode(Path(d), UniformChooser((0,)), rounds=3)
     assert [c["evolution_step"] for c in result.candidates] == [1, 2, 3]
     assert result.candidates[-1]["actions"] == ["add_constraints"] * 3
-    assert result.candidates[1]["instruction"].endswith("carefully carefully")
+    assert result.candidates[1]["instruction"].endswith("(step 1) (step 2)")
     assert all(c["expert_queries"] == 1 for c in result.candidates)
     assert result.candidates[0]["review"]["info_gain"] > 0.5
     assert result.counts["evolutions_tried"] == 3 and not result.incomplete

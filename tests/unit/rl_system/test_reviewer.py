@@ -9,6 +9,7 @@ from rl_system.reviewer import (
     RESPONSE_RULES,
     REVIEW_SCORES,
     RULE_NAMES,
+    Evidence,
     Review,
     Reviewer,
     eliminate,
@@ -36,7 +37,20 @@ SEED = "Write a poem about the sea."
         ("Write a sonnet about the sea at night, in iambic pentameter.", None),
         # Rules 2 and 3 judge the expert's response, not the instruction (WizardLM 3.3).
         ("Explain how to say sorry politely to a colleague you upset.", None),
-        ("I'm sorry, but I cannot help with that request.", None),
+        # A refusal-shaped *rewrite* is the instructor declining: ours, not rule 2.
+        ("I'm sorry, but I cannot help with that request.", "refused"),
+        ("As an AI language model, I am unable to change this instruction.", "refused"),
+        ("Write an apology note that begins 'I'm sorry, I cannot make it on Friday'.", None),
+        ("Write a poem about the sea. Write a poem about the sea. Make it rhyme.",
+         "repetitive"),
+        ("Write a poem about the sea at night, at night, at night, at night, at night.",
+         "repetitive"),
+        ("Write write a poem the the about sea sea.", "garbled"),
+        ("Write a poem about the sea that mentions gulls, tides and the", "truncated"),
+        ("Write a poem about the sea (in the style of", "truncated"),
+        ("Write a poem about the sea at dawn in Italian", None),
+        ("Write a hello world program in C", None),
+        ("Explain what a poem about the sea is made of", None),
         # Code is not a copy of our <<< >>> delimiters.
         ("Write add(a, b) so that this doctest passes:\n>>> add(2, 3)\n5", None),
         ('Explain what `cat <<< "$name"` prints in bash, with an example.', None),
@@ -62,6 +76,25 @@ def test_instruction_rules(after, rule):
 )
 def test_response_rules_are_evol_instructs_2_and_3(response, rule):
     assert eliminate_response(response) == rule
+
+
+def _project_instructions() -> dict[str, list[str]]:
+    import json
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[3] / "data"
+    seeds = [json.loads(line)["instruction"]
+             for line in (data / "seed_instructions.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (data / "reviewer_pairs.jsonl").read_text().splitlines()]
+    return {"seed": seeds, "good rewrite": [p["after"] for p in pairs if p["good"]]}
+
+
+@pytest.mark.parametrize("rule", ["refused", "repetitive", "garbled", "truncated"])
+def test_our_textual_rules_spare_every_seed_and_every_good_rewrite(rule):
+    fires = {r.name: r for r in ELIMINATION_RULES}[rule].fires
+    for kind, texts in _project_instructions().items():
+        hit = [t for t in texts if fires(Evidence(Task(SEED), Task(t)))]
+        assert hit == [], f"{rule} fires on a {kind}: {hit[0][:80]!r}"
 
 
 def test_rules_are_a_catalogue_that_says_what_each_judges():
