@@ -67,7 +67,7 @@ def require(run_dir: Path, stage: str) -> Path:
     """The stage's output path in ``run_dir`` (a directory for ``dataset``) or raise."""
     rel, fix = STAGE_FILES[stage]
     if stage == "dataset":
-        from rl_system.quality import dataset_files
+        from train.quality import dataset_files
 
         dataset = run_dir / "dataset"
         if not dataset.is_dir() or not dataset_files(dataset):
@@ -120,7 +120,7 @@ def part_fingerprints(run_dir: Path, cfg: EvalConfig) -> dict[str, str]:
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
     if path.is_dir() or path.suffix == ".parquet":
-        from rl_system.quality import load_rows
+        from train.quality import load_rows
 
         if path.is_dir():
             return load_rows(path)
@@ -227,8 +227,8 @@ def _membership_inference(run_dir: Path, model_dir: Path, dataset_dir: Path, cfg
                           *, log: Callable[[str], None]) -> dict[str, Any]:
     import numpy as np
 
-    from rl_system.quality import load_rows
     from train.privacy import run_mia
+    from train.quality import load_rows
     from train.sft import HELDOUT_FILE
 
     heldout_path = run_dir / "sft" / HELDOUT_FILE
@@ -467,7 +467,7 @@ def build_report(
     dispersion (default MiniLM). Raises :class:`StageOutputMissing` before writing
     anything when a run lacks an input. Returns the report dict.
     """
-    from rl_system.quality import dataset_quality, read_manifest
+    from train.quality import dataset_quality, read_manifest
 
     started = time.monotonic()
     run_dirs = [Path(r) for r in run_dirs]
@@ -481,7 +481,7 @@ def build_report(
         manifest = read_manifest(dataset) or {}
         strategy = manifest.get("strategy")
         if strategy is None:
-            from rl_system.quality import load_rows
+            from train.quality import load_rows
 
             rows = load_rows(dataset)
             strategy = rows[0].get("strategy") if rows else "unknown"
