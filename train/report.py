@@ -98,7 +98,7 @@ def _mia_keys(cfg: EvalConfig) -> tuple[str, ...]:
 def trained_model_fingerprint(run_dir: Path) -> str | None:
     """The SFT fingerprint that ``run_dir/sft/final`` was trained with (its marker)."""
     from rl_system.rundir import read_json
-    from train.sft import FINAL_MARKER
+    from train.recipe import FINAL_MARKER
 
     marker = read_json(run_dir / "sft" / "final" / FINAL_MARKER)
     return marker.get("plan_key") if isinstance(marker, dict) else None

@@ -21,7 +21,8 @@ import pytest
 
 from rl_system.config import ConfigError, SFTConfig, TeamsRLConfig
 from train.data import SFTDataError
-from train.sft import FAIL_ONCE_MARKER, lr_at, plan_steps, run_sft
+from train.recipe import FAIL_ONCE_MARKER, lr_at
+from train.sft import plan_steps, run_sft
 
 FACTS = [
     ("capital of France", "Paris"), ("capital of Japan", "Tokyo"),
