@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -27,10 +26,10 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from rl_system.config import ConfigError, SFTConfig
+from rl_system.metrics import sft_metrics
 from train.data import IGNORE_INDEX, collate, load_tokenizer
 from train.parallel import _local, _nbytes, wrap_for_training
 
@@ -86,30 +85,6 @@ class TrainPlan:
     @property
     def metrics_path(self) -> Path:
         return Path(self.stage_dir) / "metrics.jsonl"
-
-
-@functools.lru_cache(maxsize=1)
-def sft_metrics() -> SimpleNamespace:
-    """Ray metrics of the SFT stage (rank 0 records them), tagged by run name."""
-    from ray.util.metrics import Counter, Gauge
-
-    tags = ("run",)
-    return SimpleNamespace(
-        loss=Gauge("teams_rl_sft_loss", description="Train loss per token.", tag_keys=tags),
-        eval_loss=Gauge(
-            "teams_rl_sft_eval_loss", description="Held-out loss per token.", tag_keys=tags
-        ),
-        tokens_per_second=Gauge(
-            "teams_rl_sft_tokens_per_second",
-            description="Input tokens per second over all workers.",
-            tag_keys=tags,
-        ),
-        learning_rate=Gauge("teams_rl_sft_learning_rate", description="AdamW lr.", tag_keys=tags),
-        step=Gauge("teams_rl_sft_step", description="Optimizer steps done.", tag_keys=tags),
-        tokens=Counter(
-            "teams_rl_sft_tokens_total", description="Input tokens trained on.", tag_keys=tags
-        ),
-    )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
