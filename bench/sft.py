@@ -7,7 +7,7 @@ a 2-core CPU machine. Prints one JSON line::
 
 ``ratio`` is FSDP's model-state bytes per worker over DDP's: parameters + gradients +
 AdamW state, summed from the tensors (FSDP: the local shards) each rank holds right
-after its first optimizer step, as logged by ``train.sft``. Expect about 0.5 with two
+after its first optimizer step, as logged by ``train.recipe``. Expect about 0.5 with two
 workers. ``tokens_per_s`` counts input tokens of all workers over the steps after the
 first (warm-up) one; compare the two strategies by ``tokens_per_s_ratio``, not by
 absolute figures, since these machines are shared.

@@ -3,10 +3,10 @@
 Run on a CUDA machine: ``python bench/sft_gpu_step.py [--layers 16 --hidden 2048 ...]``.
 It needs no Ray and no model download: the model is a randomly initialised Llama of the
 shape given (default: Llama-3.2-1B's), since step time depends on the shape, not the
-weights. Each strategy wraps it with ``train.sft.wrap_for_training`` — the SFT worker's own
-FSDP2 / DDP wrapping, bf16 compute with fp32 master weights — in a one-rank NCCL group,
-and trains on random token rows whose first half is masked as the prompt, with the loss
-of ``train.sft.token_loss_sum``. Prints one JSON line::
+weights. Each strategy wraps it with ``train.parallel.wrap_for_training`` — the SFT
+worker's own FSDP2 / DDP wrapping, bf16 compute with fp32 master weights — in a one-rank
+NCCL group, and trains on random token rows whose first half is masked as the prompt, with
+the loss of ``train.recipe.token_loss_sum``. Prints one JSON line::
 
     {"bench": "sft_gpu_step", "figures": {"fsdp": {...}, "ddp": {...}}, ...}
 
@@ -36,7 +36,8 @@ def run_strategy(args: argparse.Namespace, strategy: str) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from train.data import IGNORE_INDEX
-    from train.sft import token_loss_sum, wrap_for_training
+    from train.parallel import wrap_for_training
+    from train.recipe import token_loss_sum
 
     device = torch.device("cuda", 0)
     config = LlamaConfig(

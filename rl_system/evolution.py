@@ -1,7 +1,7 @@
 """One evolution step: rewrite -> review -> eliminate -> advance.
 
 Both stages evolve through :func:`evolve`: the training env (``rl_system.env``, stage 1)
-and stage 2's episodes (``rl_system.dataset.run_episode``), so an evolution means the
+and stage 2's episodes (``rl_system.dataset.actors.run_episode``), so an evolution means the
 same thing where the policy learns and where the dataset is built. The step is pure: the
 rewriting and reviewing clients are passed in, it keeps no state between calls, and a
 failed model call is an outcome, not an exception.

@@ -1,120 +1,93 @@
-"""Ray metrics shared by every stage; names start with ``teams_rl_`` (DESIGN §5).
+"""Every stage's Ray metrics, as rows of one table; names start with ``teams_rl_`` (DESIGN §5).
 
-Metric objects are created on first use in the process that records them (an actor, a
-Serve replica, the driver), never at import. They appear on each node's Prometheus
-endpoint and in the Grafana dashboard under ``cluster/grafana/``.
+A metric is a ``serve.metrics.MetricRow`` (group, attribute, kind, name, description,
+tags, boundaries) and a group's objects are created by ``serve.metrics.metric_group`` on
+first use in the process that records them (an actor, a Ray Train worker, the driver),
+never at import. They appear on each node's Prometheus endpoint and in the Grafana
+dashboard under ``cluster/grafana/``.
+
+The serving rows (the ``llm`` server group and the ``client`` group) live in
+``serve/metrics.py``, with the builder: serve is the bottom layer and imports nothing from
+``rl_system``. :data:`METRICS` is the whole table, serve's rows included.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from types import SimpleNamespace
 
-LATENCY_BOUNDARIES_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
-BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
+from serve.metrics import SERVE_METRICS, MetricRow
+from serve.metrics import metric_group as _metric_group
+
+_RUN_STAGE = ("run", "stage")
+_RUN = ("run",)
+
+STAGE_METRICS: tuple[MetricRow, ...] = (
+    # Stage 1: the evolution policy, one value per training iteration.
+    MetricRow("policy", "episode_return_mean", "gauge", "teams_rl_policy_episode_return_mean",
+              "Mean episode return of the evolution policy."),
+    MetricRow("policy", "info_gain", "gauge", "teams_rl_policy_info_gain",
+              "Mean calibrated reviewer info_gain per evolution."),
+    MetricRow("policy", "elimination_rate", "gauge", "teams_rl_policy_elimination_rate",
+              "Share of evolutions eliminated by the rules."),
+    MetricRow("policy", "queries_per_episode", "gauge", "teams_rl_policy_queries_per_episode",
+              "Model queries per episode."),
+    # Stage 2, by strategy: queries paid and answered from the resume cache.
+    MetricRow("dataset", "queries", "counter", "teams_rl_dataset_queries_total",
+              "Stage-2 model queries by role; source=paid or cached (resume cache).",
+              ("strategy", "role", "source")),
+    MetricRow("dataset", "evolutions", "counter", "teams_rl_dataset_evolutions_total",
+              "Stage-2 evolutions by outcome (kept, failed, or the eliminating rule).",
+              ("strategy", "outcome")),
+    MetricRow("dataset", "pairs", "counter", "teams_rl_dataset_pairs_total",
+              "Instruction/response pairs written.", ("strategy",)),
+    # Stage 3 (rank 0 records them), by run name.
+    MetricRow("sft", "loss", "gauge", "teams_rl_sft_loss", "Train loss per token.", _RUN),
+    MetricRow("sft", "eval_loss", "gauge", "teams_rl_sft_eval_loss",
+              "Held-out loss per token.", _RUN),
+    MetricRow("sft", "tokens_per_second", "gauge", "teams_rl_sft_tokens_per_second",
+              "Input tokens per second over all workers.", _RUN),
+    MetricRow("sft", "learning_rate", "gauge", "teams_rl_sft_learning_rate", "AdamW lr.", _RUN),
+    MetricRow("sft", "step", "gauge", "teams_rl_sft_step", "Optimizer steps done.", _RUN),
+    MetricRow("sft", "tokens", "counter", "teams_rl_sft_tokens_total",
+              "Input tokens trained on.", _RUN),
+    # The pipeline driver's progress and stage 4's headline results.
+    MetricRow("pipeline", "stage_running", "gauge", "teams_rl_pipeline_stage_running",
+              "1 while the pipeline stage runs, 0 once it has finished.", _RUN_STAGE),
+    MetricRow("pipeline", "stage_wall_s", "gauge", "teams_rl_pipeline_stage_wall_s",
+              "Wall seconds the pipeline stage took.", _RUN_STAGE),
+    MetricRow("pipeline", "eval_accuracy", "gauge", "teams_rl_eval_accuracy",
+              "lm-eval accuracy of a run's SFT model, by task.", ("run", "task")),
+    MetricRow("pipeline", "mia_auc", "gauge", "teams_rl_eval_mia_auc",
+              "Membership-inference ROC AUC of a run's SFT model, by attack.",
+              ("run", "attack")),
+)
+
+METRICS: tuple[MetricRow, ...] = SERVE_METRICS + STAGE_METRICS
 
 
-@lru_cache(maxsize=1)
-def llm_metrics() -> SimpleNamespace:
-    """Server-side counters of ``LLMServer`` replicas, tagged by deployment and role."""
-    from ray.util.metrics import Counter, Histogram
-
-    return SimpleNamespace(
-        requests=Counter(
-            "teams_rl_llm_requests_total",
-            description="LLM requests served, by outcome.",
-            tag_keys=("deployment", "role", "kind", "status"),
-        ),
-        tokens=Counter(
-            "teams_rl_llm_tokens_total",
-            description="Tokens processed by LLM replicas.",
-            tag_keys=("deployment", "role", "type"),
-        ),
-        latency=Histogram(
-            "teams_rl_llm_latency_s",
-            description="Time from request arrival to answer, seconds.",
-            boundaries=LATENCY_BOUNDARIES_S,
-            tag_keys=("deployment", "kind"),
-        ),
-        batch_size=Histogram(
-            "teams_rl_llm_batch_size",
-            description="Requests per dynamic batch.",
-            boundaries=BATCH_BOUNDARIES,
-            tag_keys=("deployment", "kind"),
-        ),
-    )
+def metric_group(group: str) -> SimpleNamespace:
+    """``group``'s metric objects (any group of :data:`METRICS`), created once per process."""
+    return _metric_group(group, table=METRICS)
 
 
-@lru_cache(maxsize=1)
-def client_metrics() -> SimpleNamespace:
-    """Caller-side query accounting of ``LLMClient``, by role (what the run paid for)."""
-    from ray.util.metrics import Counter
-
-    return SimpleNamespace(
-        queries=Counter(
-            "teams_rl_queries_total",
-            description="Model queries made, by role and outcome.",
-            tag_keys=("role", "status"),
-        ),
-        tokens=Counter(
-            "teams_rl_query_tokens_total",
-            description="Prompt and completion tokens of model queries, by role.",
-            tag_keys=("role", "type"),
-        ),
-    )
+def policy_metrics() -> SimpleNamespace:
+    """Stage 1's gauges, set once per training iteration (attributes: summary fields)."""
+    return metric_group("policy")
 
 
-@lru_cache(maxsize=1)
 def dataset_metrics() -> SimpleNamespace:
     """Stage-2 accounting, by strategy: queries paid and answered from the resume cache."""
-    from ray.util.metrics import Counter
-
-    return SimpleNamespace(
-        queries=Counter(
-            "teams_rl_dataset_queries_total",
-            description="Stage-2 model queries by role; source=paid or cached (resume cache).",
-            tag_keys=("strategy", "role", "source"),
-        ),
-        evolutions=Counter(
-            "teams_rl_dataset_evolutions_total",
-            description="Stage-2 evolutions by outcome (kept, failed, or the eliminating rule).",
-            tag_keys=("strategy", "outcome"),
-        ),
-        pairs=Counter(
-            "teams_rl_dataset_pairs_total",
-            description="Instruction/response pairs written.",
-            tag_keys=("strategy",),
-        ),
-    )
+    return metric_group("dataset")
 
 
-@lru_cache(maxsize=1)
+def sft_metrics() -> SimpleNamespace:
+    """Ray metrics of the SFT stage (rank 0 records them), tagged by run name."""
+    return metric_group("sft")
+
+
 def pipeline_metrics() -> SimpleNamespace:
     """Driver-side progress of ``teams-rl pipeline`` and stage 4's headline results."""
-    from ray.util.metrics import Gauge
-
-    return SimpleNamespace(
-        stage_running=Gauge(
-            "teams_rl_pipeline_stage_running",
-            description="1 while the pipeline stage runs, 0 once it has finished.",
-            tag_keys=("run", "stage"),
-        ),
-        stage_wall_s=Gauge(
-            "teams_rl_pipeline_stage_wall_s",
-            description="Wall seconds the pipeline stage took.",
-            tag_keys=("run", "stage"),
-        ),
-        eval_accuracy=Gauge(
-            "teams_rl_eval_accuracy",
-            description="lm-eval accuracy of a run's SFT model, by task.",
-            tag_keys=("run", "task"),
-        ),
-        mia_auc=Gauge(
-            "teams_rl_eval_mia_auc",
-            description="Membership-inference ROC AUC of a run's SFT model, by attack.",
-            tag_keys=("run", "attack"),
-        ),
-    )
+    return metric_group("pipeline")
 
 
 def maybe_pipeline_metrics() -> SimpleNamespace | None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from rl_system.actions import ACTION_NAMES
 from rl_system.config import TeamsRLConfig
+from rl_system.metrics import policy_metrics
 from rl_system.placement import (  # noqa: F401 - InsufficientResources: raised by train_policy
     ENV_RUNNER_CPUS,
     InsufficientResources,
@@ -231,18 +232,6 @@ def _float(v) -> float | None:
         return None
 
 
-def _policy_gauges():
-    from ray.util.metrics import Gauge
-
-    names = {
-        "episode_return_mean": "Mean episode return of the evolution policy.",
-        "info_gain": "Mean calibrated reviewer info_gain per evolution.",
-        "elimination_rate": "Share of evolutions eliminated by the rules.",
-        "queries_per_episode": "Model queries per episode.",
-    }
-    return {k: Gauge(f"teams_rl_policy_{k}", description=d) for k, d in names.items()}
-
-
 def _read_state(policy_dir: Path) -> dict | None:
     return read_manifest(policy_dir)
 
@@ -345,7 +334,7 @@ def _train_policy(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> list[Ite
                 log(f"policy: resumed from {restored}")
             state = {**state, "iterations_done": done,
                      "checkpoint": str(restored) if restored else None}
-        gauges = _policy_gauges()
+        gauges = vars(policy_metrics())
         summaries = []
         for iteration in range(state["iterations_done"] + 1, cfg.policy.iterations + 1):
             started = time.monotonic()

@@ -671,7 +671,7 @@ class LLMClient:
 
             if not ray.is_initialized():
                 return
-            from rl_system.metrics import client_metrics
+            from serve.metrics import client_metrics
 
             m = client_metrics()
             m.queries.inc(tags={"role": self.role, "status": "error" if failed else "ok"})

@@ -57,8 +57,8 @@ def _caller_gone() -> BackendError:
 
 class LLMServer:
     def __init__(self, spec: LLMServerSpec):
-        from rl_system.metrics import llm_metrics
         from serve.backends import build_backend
+        from serve.metrics import llm_metrics
 
         self.spec = spec
         self.backend = build_backend(spec.backend, **spec.backend_kwargs)

@@ -68,7 +68,7 @@ def require(run_dir: Path, stage: str) -> Path:
     """The stage's output path in ``run_dir`` (a directory for ``dataset``) or raise."""
     rel, fix = STAGE_FILES[stage]
     if stage == "dataset":
-        from rl_system.quality import dataset_files
+        from train.quality import dataset_files
 
         dataset = run_dir / "dataset"
         if not dataset.is_dir() or not dataset_files(dataset):
@@ -99,7 +99,7 @@ def _mia_keys(cfg: EvalConfig) -> tuple[str, ...]:
 def trained_model_fingerprint(run_dir: Path) -> str | None:
     """The SFT fingerprint that ``run_dir/sft/final`` was trained with (its marker)."""
     from rl_system.rundir import read_json
-    from train.sft import FINAL_MARKER
+    from train.recipe import FINAL_MARKER
 
     marker = read_json(run_dir / "sft" / "final" / FINAL_MARKER)
     return marker.get("plan_key") if isinstance(marker, dict) else None
@@ -121,7 +121,7 @@ def part_fingerprints(run_dir: Path, cfg: EvalConfig) -> dict[str, str]:
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
     if path.is_dir() or path.suffix == ".parquet":
-        from rl_system.quality import load_rows
+        from train.quality import load_rows
 
         if path.is_dir():
             return load_rows(path)
@@ -228,8 +228,8 @@ def _membership_inference(run_dir: Path, model_dir: Path, dataset_dir: Path, cfg
                           *, log: Callable[[str], None]) -> dict[str, Any]:
     import numpy as np
 
-    from rl_system.quality import load_rows
     from train.privacy import run_mia
+    from train.quality import load_rows
     from train.sft import HELDOUT_FILE
 
     heldout_path = run_dir / "sft" / HELDOUT_FILE
@@ -468,7 +468,7 @@ def build_report(
     dispersion (default MiniLM). Raises :class:`StageOutputMissing` before writing
     anything when a run lacks an input. Returns the report dict.
     """
-    from rl_system.quality import dataset_quality, read_manifest
+    from train.quality import dataset_quality, read_manifest
 
     started = time.monotonic()
     run_dirs = [Path(r) for r in run_dirs]
@@ -482,7 +482,7 @@ def build_report(
         manifest = read_manifest(dataset) or {}
         strategy = manifest.get("strategy")
         if strategy is None:
-            from rl_system.quality import load_rows
+            from train.quality import load_rows
 
             rows = load_rows(dataset)
             strategy = rows[0].get("strategy") if rows else "unknown"

@@ -63,7 +63,8 @@ def test_training_steps_in_bf16_on_cuda_lower_the_loss(model_dir, strategy, monk
 
     from tests.integration.conftest import free_port
     from train.data import collate, tokenize_records
-    from train.sft import token_loss_sum, wrap_for_training
+    from train.parallel import wrap_for_training
+    from train.recipe import token_loss_sum
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))

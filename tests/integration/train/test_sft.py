@@ -20,8 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from rl_system.config import ConfigError, SFTConfig, TeamsRLConfig
+from rl_system.placement import InsufficientResources
 from train.data import SFTDataError
-from train.sft import FAIL_ONCE_MARKER, lr_at, plan_steps, run_sft
+from train.recipe import FAIL_ONCE_MARKER, lr_at
+from train.sft import plan_steps, run_sft
 
 FACTS = [
     ("capital of France", "Paris"), ("capital of Japan", "Tokyo"),
@@ -274,12 +276,13 @@ def test_more_workers_than_the_cluster_holds_is_refused(ray_session, tmp_path):
     data = write_records(tmp_path / "records.parquet", FACTS[:4])
     cpus = int(ray_session.cluster_resources()["CPU"])
     cfg = make_cfg(tmp_path / "runs", num_workers=cpus + 1)
-    with pytest.raises(ConfigError, match=rf"sft.num_workers={cpus + 1}.* has {cpus} CPU"):
+    with pytest.raises(InsufficientResources,
+                       match=rf"sft.num_workers={cpus + 1}.* has {cpus} CPU"):
         run_sft(cfg, dataset_path=data)
 
     gpus = int(ray_session.cluster_resources().get("GPU", 0))
     cfg = make_cfg(tmp_path / "runs", num_workers=gpus + 1, use_gpu=True)
-    with pytest.raises(ConfigError, match=rf"has {gpus} GPU.*sft.use_gpu=false"):
+    with pytest.raises(InsufficientResources, match=rf"has {gpus} GPU.*sft.use_gpu=false"):
         run_sft(cfg, dataset_path=data)
     assert not cfg.stage_dir("sft").exists()
 

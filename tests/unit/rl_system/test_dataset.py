@@ -297,7 +297,7 @@ def test_expert_requests_carry_a_seed_from_their_request_hash(tmp_path):
 
 
 def test_the_stage_2_expert_samples_as_configured(tmp_path):
-    from rl_system.dataset import _ModelStage
+    from rl_system.dataset.actors import _ModelStage
 
     cfg = load_config(None, ["models.expert.sampling.temperature=0.9"])
     assert cfg.dataset.expert_temperature is None
@@ -361,7 +361,7 @@ def test_respond_marks_a_transient_answer_failure_incomplete(tmp_path):
 def test_exports_take_the_input_from_the_row_and_agree_with_parquet(tmp_path):
     import pyarrow.parquet as pq
 
-    from rl_system.dataset import _write_outputs
+    from rl_system.dataset.outputs import _write_outputs
 
     base = {"seed_id": "s", "seed_instruction": "Summarise the memo.", "actions": ["deepening"],
             "evolution_step": 1, "review": None, "expert_model": "m", "expert_queries": 1,

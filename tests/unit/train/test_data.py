@@ -77,7 +77,7 @@ def test_the_sft_prompt_is_the_chat_exports_user_turn(tokenizer, tmp_path):
     show is what SFT trains the model to answer."""
     import json
 
-    from rl_system.dataset import _write_outputs
+    from rl_system.dataset.outputs import _write_outputs
     from rl_system.tasks import task_text
 
     row = {"id": "a", "seed_id": "s", "seed_instruction": "x", "actions": ["deepening"],

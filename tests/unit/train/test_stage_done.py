@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 from rl_system.config import load_config
 from rl_system.dataset import row_schema
 from rl_system.rundir import write_manifest
+from train.recipe import FINAL_MARKER
 from train.report import eval_fingerprint, report_is_done
-from train.sft import FINAL_MARKER, sft_fingerprint, sft_is_done
+from train.sft import sft_fingerprint, sft_is_done
 
 
 def _cfg(tmp_path, *extra):

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rl_system.quality import (
+from train.quality import (
     dataset_quality,
     distinct_n,
     distribution,
