@@ -9,7 +9,7 @@ import pytest
 
 from serve.client import LLMClient
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+pytestmark = pytest.mark.slow  # ~30 s of scaling up and down, on the session Ray: no `ray start`
 
 
 def _running_replicas(app: str, deployment: str) -> int:
