@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 
 import pytest
 
-from rl_system.config import TeamsRLConfig, load_config
+from rl_system.config import ROLES, TeamsRLConfig, load_config
 from serve.auth import API_KEY_ENV
 
 TEST_API_KEY = "test-key-not-a-secret"
@@ -63,18 +64,40 @@ def demo_app(demo_cfg):
     return deploy(demo_cfg)
 
 
-def deploy_scripted(serve_port: int, name: str, script: dict, **serve_overrides):
-    """A one-deployment app around the scripted backend (a test double), under /<name>."""
+@pytest.fixture(scope="session")
+def scripted_roles(serve_port):
+    """Deploys every role on the scripted backend (a test double) as an app of its own.
+
+    ``with scripted_roles(name, script, *overrides) as cfg:`` runs the app ``name`` under
+    ``/<name>`` and deletes it (without waiting) on leaving the block. Each role gets
+    backend ``scripted``, model ``name`` and ``script``, and keeps its other defaults (the
+    reviewer samples at temperature 0, which the scripted backend ignores); roles with the
+    same model and script share one deployment. ``overrides`` are ``load_config``'s
+    ``key=value`` items, applied after those: ``models.reviewer.model=other`` gives the
+    reviewer a deployment of its own.
+    Not ``serve.app.deploy``: that serves at ``/``, where the demo app already is.
+    """
     from ray import serve
 
     from serve.app import build_app
 
-    overrides = [f"serve.port={serve_port}", "serve.app_name=" + name,
-                 "models.expert.backend=scripted", f"models.expert.model={name}"]
-    overrides += [f"serve.{k}={v}" for k, v in serve_overrides.items()]
-    cfg = load_config(None, overrides)
-    cfg.models.expert.script = script
-    cfg.models.instructor = cfg.models.expert
-    cfg.models.reviewer = cfg.models.expert
-    serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
-    return cfg
+    @contextmanager
+    def deploy(name: str, script: dict, *overrides: str):
+        cfg = load_config(None, [
+            f"serve.port={serve_port}", f"serve.app_name={name}",
+            *(f"models.{role}.{key}={value}" for role in ROLES
+              for key, value in (("backend", "scripted"), ("model", name))),
+            *overrides,
+        ])
+        for role in ROLES:
+            cfg.models.role(role).script = script
+        serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
+        try:
+            yield cfg
+        finally:
+            # Not waiting for the replicas to drain (seconds an app) keeps the suite as
+            # fast as when test apps were never deleted; their CPUs free up soon after.
+            if name in serve.status().applications:
+                serve.delete(name, _blocking=False)
+
+    return deploy

@@ -9,7 +9,6 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from rl_system.config import load_config
 from rl_system.dataset import build_dataset
 from rl_system.tasks import task_text
 
@@ -41,30 +40,16 @@ SCRIPT = {
 
 
 @pytest.fixture(scope="module")
-def built(serve_port, tmp_path_factory):
-    from ray import serve
-
-    from serve.app import build_app
-
+def built(scripted_roles, tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     seeds = root / "seeds.jsonl"
     seeds.write_text("".join(json.dumps(s) + "\n" for s in SEEDS))
-    app = "dsinputs"
-    cfg = load_config(None, [
-        f"serve.port={serve_port}", f"serve.app_name={app}", f"run.dir={root / 'runs'}",
-        "models.expert.backend=scripted", f"models.expert.model={app}",
-        "models.reviewer.backend=scripted", f"models.reviewer.model={app}",
-        "models.instructor.backend=scripted", f"models.instructor.model={app}",
+    with scripted_roles(
+        "dsinputs", SCRIPT, f"run.dir={root / 'runs'}",
         "dataset.strategy=wizardlm", "dataset.wizardlm_rounds=4", f"dataset.seeds={seeds}",
         "dataset.dedupe_threshold=1.0", "serve.batch_wait_timeout_s=0",
-    ])
-    cfg.models.expert.script = cfg.models.instructor.script = SCRIPT
-    cfg.models.reviewer.script = SCRIPT
-    serve.run(build_app(cfg), name=app, route_prefix=f"/{app}")
-    try:
+    ) as cfg:
         manifest = build_dataset(cfg)
-    finally:
-        serve.delete(app)
     return cfg, manifest
 
 

@@ -25,29 +25,20 @@ KEY_ENV = "TEAMS_RL_DATASET_TEST_KEY"
 
 
 @pytest.fixture(scope="module")
-def policy_checkpoint(serve_port, tmp_path_factory):
-    from ray import serve
-
+def policy_checkpoint(scripted_roles, tmp_path_factory):
     from rl_system.policy import latest_checkpoint, train_policy
-    from serve.app import build_app
 
-    cfg = load_config(None, [
-        f"serve.port={serve_port}", "serve.app_name=dsckpt", "serve.batch_wait_timeout_s=0",
-        "models.instructor.backend=scripted", "models.instructor.model=dsckpt",
-        "policy.num_env_runners=0", "policy.iterations=1", "policy.train_batch_size=8",
-        "policy.max_steps=2", "dataset.num_seeds=4",
-        f"run.dir={tmp_path_factory.mktemp('ckpt')}", "run.name=ckpt",
-    ])
-    cfg.models.instructor.script = {
+    script = {
         "default": "{instruction} Explain each step.",
         "score": {"prefer": "Not Equal", "when_bracketed_differ": True},
     }
-    cfg.models.reviewer = cfg.models.expert = cfg.models.instructor
-    serve.run(build_app(cfg), name="dsckpt", route_prefix="/dsckpt")
-    try:
+    with scripted_roles(
+        "dsckpt", script, "serve.batch_wait_timeout_s=0",
+        "policy.num_env_runners=0", "policy.iterations=1", "policy.train_batch_size=8",
+        "policy.max_steps=2", "dataset.num_seeds=4",
+        f"run.dir={tmp_path_factory.mktemp('ckpt')}", "run.name=ckpt",
+    ) as cfg:
         train_policy(cfg)
-    finally:
-        serve.delete("dsckpt")
     return str(latest_checkpoint(cfg))
 
 

@@ -16,7 +16,6 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from rl_system.config import load_config
 from rl_system.dataset import DatasetRunMismatch, build_dataset, check_inputs
 from rl_system.seeds import SeedFileError
 from rl_system.strategies import PolicyCheckpointError
@@ -39,36 +38,27 @@ SCRIPT = {
 }
 
 
-def _scripted_cfg(serve_port, run_dir, app, extra=(), script=SCRIPT, reviewer_script=SCRIPT):
-    cfg = load_config(None, [
-        f"serve.port={serve_port}", f"serve.app_name={app}", f"run.dir={run_dir}",
-        "models.expert.backend=scripted", f"models.expert.model={app}-expert",
-        "models.reviewer.backend=scripted", f"models.reviewer.model={app}-reviewer",
-        "models.instructor.backend=scripted", f"models.instructor.model={app}-expert",
+def _overrides(app, run_dir, *extra):
+    """Expert and instructor share a deployment; the reviewer has its own, as a judge model."""
+    return (
+        f"run.dir={run_dir}", f"models.expert.model={app}-expert",
+        f"models.reviewer.model={app}-reviewer", f"models.instructor.model={app}-expert",
         "policy.max_steps=2", "dataset.strategy=wizardlm", "dataset.wizardlm_rounds=2",
         # One actor per stage: each costs seconds of imports on 2 cores, and these tests
         # are about resume and failure, not the pool (the budget test keeps two).
         "serve.batch_wait_timeout_s=0", "dataset.concurrency=1", *extra,
-    ])
-    cfg.models.expert.script = cfg.models.instructor.script = script
-    cfg.models.reviewer.script = reviewer_script
-    return cfg
+    )
 
 
 @pytest.fixture(scope="module")
-def scripted(serve_port, tmp_path_factory):
-    from ray import serve
-
-    from serve.app import build_app
-
+def scripted(scripted_roles, tmp_path_factory):
     root = tmp_path_factory.mktemp("ds")
     seeds = root / "seeds.jsonl"
     seeds.write_text("".join(json.dumps({"id": f"s{i}", "instruction": t}) + "\n"
                              for i, t in enumerate(SEEDS)))
-    cfg = _scripted_cfg(serve_port, root / "runs", "dsresume", [f"dataset.seeds={seeds}"])
-    serve.run(build_app(cfg), name="dsresume", route_prefix="/dsresume")
-    yield cfg
-    serve.delete("dsresume")
+    with scripted_roles("dsresume", SCRIPT,
+                        *_overrides("dsresume", root / "runs", f"dataset.seeds={seeds}")) as cfg:
+        yield cfg
 
 
 def _ids(cfg):
@@ -258,20 +248,16 @@ def test_missing_or_incompatible_checkpoint_fails_before_any_query(scripted, tmp
 
 
 @pytest.fixture()
-def lease_app(serve_port, scripted, tmp_path):
+def lease_app(scripted_roles, scripted, tmp_path):
     """A scripted role app, recorded as started by a run (what ``ensure_deployed`` does
     when it deploys), on a route of its own so it cannot clash with other test apps."""
-    from ray import serve
+    from serve.app import _leases, role_fingerprint
 
-    from serve.app import _leases, build_app, role_fingerprint
-
-    cfg = _scripted_cfg(serve_port, tmp_path / "runs", "dslease",
-                        [f"dataset.seeds={scripted.dataset.seeds}", "dataset.num_seeds=3"])
-    serve.run(build_app(cfg), name="dslease", route_prefix="/dslease")
-    _leases().acquire("dslease", role_fingerprint(cfg), None, started=True)
-    yield cfg
-    if "dslease" in serve.status().applications:
-        serve.delete("dslease")
+    with scripted_roles("dslease", SCRIPT, *_overrides(
+            "dslease", tmp_path / "runs", f"dataset.seeds={scripted.dataset.seeds}",
+            "dataset.num_seeds=3")) as cfg:
+        _leases().acquire("dslease", role_fingerprint(cfg), None, started=True)
+        yield cfg
     _leases().release("dslease", None)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-from rl_system.config import load_config
 from rl_system.policy import IterationSummary, algorithm_config, load_seed_instructions
 
 pytestmark = pytest.mark.slow
@@ -18,28 +17,22 @@ MAX_ITERATIONS = 25
 TARGET_SHARE = 0.9
 
 
+# Only the reasoning-steps request adds anything; every other rewrite echoes.
+SCRIPT = {
+    "rules": [{"contains": "several explicit steps", "reply": "{instruction} Show each step."}],
+    "default": "{instruction}",
+    "score": {"prefer": "Not Equal", "when_bracketed_differ": True},
+}
+
+
 @pytest.fixture(scope="module")
-def scripted_cfg(serve_port, tmp_path_factory):
-    from ray import serve
-
-    from serve.app import build_app
-
-    cfg = load_config(None, [
-        f"serve.port={serve_port}", "serve.app_name=learning", "serve.batch_wait_timeout_s=0",
-        "models.instructor.backend=scripted", "models.instructor.model=learning",
+def scripted_cfg(scripted_roles, tmp_path_factory):
+    with scripted_roles(
+        "learning", SCRIPT, "serve.batch_wait_timeout_s=0",
         "policy.num_env_runners=2", "policy.train_batch_size=120", "policy.max_kl=0.05",
         "dataset.num_seeds=30", f"run.dir={tmp_path_factory.mktemp('runs')}",
-    ])
-    cfg.models.instructor.script = {
-        # only the reasoning-steps request adds anything; every other rewrite echoes
-        "rules": [{"contains": "several explicit steps", "reply": "{instruction} Show each step."}],
-        "default": "{instruction}",
-        "score": {"prefer": "Not Equal", "when_bracketed_differ": True},
-    }
-    cfg.models.reviewer = cfg.models.expert = cfg.models.instructor
-    serve.run(build_app(cfg), name="learning", route_prefix="/learning")
-    yield cfg
-    serve.delete("learning")
+    ) as cfg:
+        yield cfg
 
 
 @pytest.mark.parametrize("algorithm", ["trpo", "ppo"])

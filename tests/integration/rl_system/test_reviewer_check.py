@@ -12,7 +12,6 @@ import json
 
 import pytest
 
-from rl_system.config import load_config
 from rl_system.judges import JUDGES
 from rl_system.reviewer_check import load_pairs, roc_auc, run_check, write_report
 
@@ -33,28 +32,18 @@ SCRIPT = {"score": {"prefer": "Not Equal", "when_contains": MARKER}, "default": 
 
 
 @pytest.fixture(scope="module")
-def reviewer(serve_port, tmp_path_factory):
-    from ray import serve
-
-    from serve.app import build_app
+def reviewer(scripted_roles, tmp_path_factory):
     from serve.client import LLMClient
 
     root = tmp_path_factory.mktemp("rvcheck")
-    cfg = load_config(None, [
-        f"serve.port={serve_port}", f"serve.app_name={APP}", f"run.dir={root / 'runs'}",
-        "serve.batch_wait_timeout_s=0",
-        *(f"models.{role}.backend=scripted" for role in ("instructor", "reviewer", "expert")),
-        *(f"models.{role}.model={APP}" for role in ("instructor", "reviewer", "expert")),
-    ])
-    cfg.models.reviewer.script = cfg.models.instructor.script = cfg.models.expert.script = SCRIPT
-    serve.run(build_app(cfg), name=APP, route_prefix=f"/{APP}")
     pairs_file = root / "pairs.jsonl"
     pairs_file.write_text("".join(
         json.dumps({"id": i, "category": c, "good": g, "before": b, "after": a, "note": "t"}) + "\n"
         for i, c, g, b, a in PAIRS
     ))
-    yield cfg, LLMClient.from_config(cfg, "reviewer", transport="handle"), pairs_file
-    serve.delete(APP)
+    with scripted_roles(APP, SCRIPT, f"run.dir={root / 'runs'}",
+                        "serve.batch_wait_timeout_s=0") as cfg:
+        yield cfg, LLMClient.from_config(cfg, "reviewer", transport="handle"), pairs_file
 
 
 def test_reviewer_check_json_recomputes_from_its_per_pair_values(reviewer):

@@ -7,10 +7,9 @@ import time
 
 import pytest
 
-from rl_system.config import load_config
 from serve.client import LLMClient
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+pytestmark = pytest.mark.slow  # ~30 s of scaling up and down, on the session Ray: no `ray start`
 
 
 def _running_replicas(app: str, deployment: str) -> int:
@@ -29,47 +28,39 @@ def _wait_for(predicate, timeout_s: float) -> bool:
     return False
 
 
-def test_scales_to_two_gpu_replicas_under_load_and_back(serve_port):
+def test_scales_to_two_gpu_replicas_under_load_and_back(scripted_roles):
     import ray
-    from ray import serve
-
-    from serve.app import build_app
 
     assert ray.cluster_resources().get("GPU", 0) >= 2, "the test session advertises 2 fake GPUs"
-    cfg = load_config(None, [
-        f"serve.port={serve_port}", "serve.app_name=autoscale",
-        "models.expert.backend=scripted", "models.expert.model=autoscale",
+    with scripted_roles(
+        "autoscale", {"latency_s": 0.25},
         "serve.num_gpus=1", "serve.num_cpus=0.1", "serve.max_batch_size=1",
         "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=2",
         "serve.autoscaling.target_ongoing_requests=2",
         "serve.autoscaling.upscale_delay_s=1", "serve.autoscaling.downscale_delay_s=3",
-    ])
-    cfg.models.expert.script = {"latency_s": 0.25}
-    cfg.models.instructor = cfg.models.reviewer = cfg.models.expert
-    serve.run(build_app(cfg), name="autoscale", route_prefix="/autoscale")
-    name = cfg.models.expert.deployment_name
-    assert _running_replicas("autoscale", name) == 1
+    ) as cfg:
+        name = cfg.models.expert.deployment_name
+        assert _running_replicas("autoscale", name) == 1
 
-    client = LLMClient.from_config(cfg, "expert", transport="handle")
-    stop = threading.Event()
+        client = LLMClient.from_config(cfg, "expert", transport="handle")
+        stop = threading.Event()
 
-    def load():  # 16 requests in flight at a time, bounded by the stop event
-        while not stop.is_set():
-            client.generate([f"request {i}" for i in range(16)])
+        def load():  # 16 requests in flight at a time, bounded by the stop event
+            while not stop.is_set():
+                client.generate([f"request {i}" for i in range(16)])
 
-    worker = threading.Thread(target=load, daemon=True)
-    worker.start()
-    try:
-        scaled_up = _wait_for(lambda: _running_replicas("autoscale", name) == 2, timeout_s=90)
-        # both fake GPUs are held by the two replicas while the load lasts
-        gpus_free_at_peak = ray.available_resources().get("GPU", 0.0)
-    finally:
-        stop.set()
-        worker.join(timeout=60)
-    assert scaled_up, "two replicas under sustained load"
-    assert gpus_free_at_peak == 0.0, "each replica holds one GPU"
-    assert _wait_for(lambda: _running_replicas("autoscale", name) == 1, timeout_s=90), (
-        "back to one replica once the load stops"
-    )
-    assert client.usage.failures == 0
-    serve.delete("autoscale")
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        try:
+            scaled_up = _wait_for(lambda: _running_replicas("autoscale", name) == 2, timeout_s=90)
+            # both fake GPUs are held by the two replicas while the load lasts
+            gpus_free_at_peak = ray.available_resources().get("GPU", 0.0)
+        finally:
+            stop.set()
+            worker.join(timeout=60)
+        assert scaled_up, "two replicas under sustained load"
+        assert gpus_free_at_peak == 0.0, "each replica holds one GPU"
+        assert _wait_for(lambda: _running_replicas("autoscale", name) == 1, timeout_s=90), (
+            "back to one replica once the load stops"
+        )
+        assert client.usage.failures == 0

@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from rl_system.config import load_config
 from serve.client import LLMCallError, LLMClient, RateLimit
 from tests.integration.conftest import TEST_API_KEY
 
@@ -20,8 +19,7 @@ from tests.integration.conftest import TEST_API_KEY
 def test_a_fresh_process_scores_many_at_once_over_http(demo_app, demo_cfg):
     """The first concurrent score in a new process (it loads the tokenizer in threads)."""
     script = textwrap.dedent(f"""
-        from rl_system.config import load_config
-        from serve.client import LLMClient
+                from serve.client import LLMClient
 
         cfg = load_config("configs/demo.yaml", ["serve.port={demo_cfg.serve.port}"])
         client = LLMClient.from_config(cfg, "reviewer", transport="http")
@@ -47,21 +45,6 @@ def test_an_over_long_request_fails_alone_among_valid_ones(demo_app, demo_cfg):
     assert results[0].text and results[2].text
 
 
-def _deploy_scripted(serve_port: int, name: str, script: dict, overrides: list[str]):
-    from ray import serve
-
-    from serve.app import build_app
-
-    cfg = load_config(None, [
-        f"serve.port={serve_port}", f"serve.app_name={name}", "serve.num_cpus=0.1",
-        "models.expert.backend=scripted", f"models.expert.model={name}", *overrides,
-    ])
-    cfg.models.expert.script = script
-    cfg.models.instructor = cfg.models.reviewer = cfg.models.expert  # one deployment
-    serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
-    return cfg
-
-
 def _alive_replicas(app: str, deployment: str) -> list[str]:
     import ray
 
@@ -72,43 +55,41 @@ def _alive_replicas(app: str, deployment: str) -> list[str]:
     ]
 
 
-def test_a_call_whose_replica_is_killed_succeeds_on_retry(serve_port):
+def test_a_call_whose_replica_is_killed_succeeds_on_retry(scripted_roles):
     import ray
 
-    cfg = _deploy_scripted(serve_port, "killed", {"latency_s": 2.0}, [
-        "serve.autoscaling.min_replicas=2", "serve.autoscaling.max_replicas=2",
-        "models.expert.retry_backoff_s=0.5",
-    ])
-    replicas = _alive_replicas("killed", cfg.models.expert.deployment_name)
-    assert len(replicas) == 2, replicas
-    client = LLMClient.from_config(cfg, "expert", transport="handle")
-    results: list = []
-    caller = threading.Thread(target=lambda: results.extend(
-        client.generate([f"question {i}" for i in range(4)], return_exceptions=True)))
-    started = time.monotonic()
-    caller.start()
-    time.sleep(1.0)  # the four requests are on the replicas, mid-way through their latency
-    ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
-    caller.join(timeout=30)
-    assert [r.text for r in results] == [f"question {i}" for i in range(4)], results
-    assert client.transport.retries >= 1
-    assert time.monotonic() - started < 15
+    with scripted_roles("killed", {"latency_s": 2.0}, "serve.num_cpus=0.1",
+                        "serve.autoscaling.min_replicas=2", "serve.autoscaling.max_replicas=2",
+                        "models.expert.retry_backoff_s=0.5") as cfg:
+        replicas = _alive_replicas("killed", cfg.models.expert.deployment_name)
+        assert len(replicas) == 2, replicas
+        client = LLMClient.from_config(cfg, "expert", transport="handle")
+        results: list = []
+        caller = threading.Thread(target=lambda: results.extend(
+            client.generate([f"question {i}" for i in range(4)], return_exceptions=True)))
+        started = time.monotonic()
+        caller.start()
+        time.sleep(1.0)  # the four requests are on the replicas, mid-way through their latency
+        ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
+        caller.join(timeout=30)
+        assert [r.text for r in results] == [f"question {i}" for i in range(4)], results
+        assert client.transport.retries >= 1
+        assert time.monotonic() - started < 15
 
 
-def test_a_timed_out_call_stops_its_work_in_the_replica(serve_port):
+def test_a_timed_out_call_stops_its_work_in_the_replica(scripted_roles):
     """The caller gives up after 1 s; the batch behind it must not wait out the first."""
     latency_s = 4.0
-    cfg = _deploy_scripted(serve_port, "gaveup", {"latency_s": latency_s}, [
-        "models.expert.timeout_s=1", "models.expert.max_retries=0",
-    ])
-    client = LLMClient.from_config(cfg, "expert", transport="handle")
-    with pytest.raises(LLMCallError, match="no answer within"):
-        client.generate(["first"])
-    client.transport.timeout_s = 30
-    started = time.monotonic()
-    assert client.generate(["second"])[0].text == "second"
-    # without cancellation the second waits out the first call's remaining ~3 s as well
-    assert time.monotonic() - started < latency_s + 1.5
+    with scripted_roles("gaveup", {"latency_s": latency_s}, "serve.num_cpus=0.1",
+                        "models.expert.timeout_s=1", "models.expert.max_retries=0") as cfg:
+        client = LLMClient.from_config(cfg, "expert", transport="handle")
+        with pytest.raises(LLMCallError, match="no answer within"):
+            client.generate(["first"])
+        client.transport.timeout_s = 30
+        started = time.monotonic()
+        assert client.generate(["second"])[0].text == "second"
+        # without cancellation the second waits out the first call's remaining ~3 s as well
+        assert time.monotonic() - started < latency_s + 1.5
 
 
 def test_one_rate_limit_for_a_role_across_processes(ray_session):

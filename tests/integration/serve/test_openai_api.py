@@ -12,7 +12,7 @@ import yaml
 
 from rl_system.config import save_resolved
 from serve.app import serve_config
-from tests.integration.conftest import TEST_API_KEY, deploy_scripted
+from tests.integration.conftest import TEST_API_KEY
 
 PREFIX = "chatty"
 SCRIPT = {
@@ -22,9 +22,9 @@ SCRIPT = {
 
 
 @pytest.fixture(scope="module")
-def chatty(serve_port):
-    cfg = deploy_scripted(serve_port, PREFIX, SCRIPT, **{"limits.max_request_bytes": 4096})
-    return cfg, f"http://127.0.0.1:{serve_port}/{PREFIX}"
+def chatty(scripted_roles, serve_port):
+    with scripted_roles(PREFIX, SCRIPT, "serve.limits.max_request_bytes=4096") as cfg:
+        yield cfg, f"http://127.0.0.1:{serve_port}/{PREFIX}"
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from serve.client import LLMCallError, LLMClient
-from tests.integration.conftest import TEST_API_KEY, deploy_scripted
+from tests.integration.conftest import TEST_API_KEY
 
 CAPITALS = [
     ("What is the capital of France? Answer with one word.", "Paris", "Berlin"),
@@ -84,25 +84,25 @@ def test_malformed_requests_get_4xx_json_and_serving_continues(demo_app):
     assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"]
 
 
-def test_backend_error_reaches_the_caller_with_its_message(serve_port):
-    cfg = deploy_scripted(serve_port, "failing", {"error": "the model fell over"})
-    client = LLMClient.from_config(cfg, "expert", transport="handle")
-    with pytest.raises(LLMCallError, match="expert: .*the model fell over"):
-        client.generate(["hello"])
-    results = client.generate(["a", "b"], return_exceptions=True)
-    assert all(isinstance(r, LLMCallError) for r in results)
-    assert client.usage.failures == 3
+def test_backend_error_reaches_the_caller_with_its_message(scripted_roles):
+    with scripted_roles("failing", {"error": "the model fell over"}) as cfg:
+        client = LLMClient.from_config(cfg, "expert", transport="handle")
+        with pytest.raises(LLMCallError, match="expert: .*the model fell over"):
+            client.generate(["hello"])
+        results = client.generate(["a", "b"], return_exceptions=True)
+        assert all(isinstance(r, LLMCallError) for r in results)
+        assert client.usage.failures == 3
 
 
-def test_slow_backend_times_out_instead_of_hanging(serve_port):
+def test_slow_backend_times_out_instead_of_hanging(scripted_roles):
     import time
 
-    cfg = deploy_scripted(serve_port, "slow", {"latency_s": 30}, request_timeout_s=1)
-    client = LLMClient.from_config(cfg, "expert", transport="handle")
-    started = time.monotonic()
-    with pytest.raises(LLMCallError, match="took longer than 1 s"):
-        client.generate(["hello"])
-    assert time.monotonic() - started < 20
-    client.transport.timeout_s = 0.5  # the caller's own limit also holds
-    with pytest.raises(LLMCallError, match="no answer within"):
-        client.generate(["hello"])
+    with scripted_roles("slow", {"latency_s": 30}, "serve.request_timeout_s=1") as cfg:
+        client = LLMClient.from_config(cfg, "expert", transport="handle")
+        started = time.monotonic()
+        with pytest.raises(LLMCallError, match="took longer than 1 s"):
+            client.generate(["hello"])
+        assert time.monotonic() - started < 20
+        client.transport.timeout_s = 0.5  # the caller's own limit also holds
+        with pytest.raises(LLMCallError, match="no answer within"):
+            client.generate(["hello"])
