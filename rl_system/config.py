@@ -85,6 +85,12 @@ class PolicyConfig(ConfigSection):
     damping: float = Field(0.1, ge=0)
     cg_iters: int = Field(10, ge=1)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    max_action_share: float = Field(
+        0.6, gt=0, le=1,
+        description="Entropy floor: warn (log, metrics.jsonl, the teams_rl_policy_dominant_"
+        "action_share gauge, the report) when one action takes more than this share of an "
+        "iteration's steps. Uniform over the 7 actions is 0.14.",
+    )
     seed: int = 0
 
 

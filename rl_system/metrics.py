@@ -31,6 +31,10 @@ STAGE_METRICS: tuple[MetricRow, ...] = (
               "Share of evolutions eliminated by the rules."),
     MetricRow("policy", "queries_per_episode", "gauge", "teams_rl_policy_queries_per_episode",
               "Model queries per episode."),
+    MetricRow("policy", "dominant_action_share", "gauge",
+              "teams_rl_policy_dominant_action_share",
+              "Largest share one action took of the iteration's steps (policy.max_action_share "
+              "is the alert ceiling)."),
     # Stage 2, by strategy: queries paid and answered from the resume cache.
     MetricRow("dataset", "queries", "counter", "teams_rl_dataset_queries_total",
               "Stage-2 model queries by role; source=paid or cached (resume cache).",

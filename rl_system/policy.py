@@ -14,6 +14,7 @@ part of the fingerprint: changing them continues the same run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -58,7 +59,7 @@ PolicyRunMismatch = RunMismatch  # the run directory holds a policy of another c
 ROLE_LINEAGE_KEYS = ("model", "sampling", "score_mode", "script")
 ROLE_LINEAGE_DEFAULTS = {"score_mode": "auto", "script": {}}
 POLICY_OPERATIONAL_KEYS = ("iterations", "num_env_runners", "num_envs_per_env_runner",
-                           "sample_timeout_s")
+                           "sample_timeout_s", "max_action_share")
 
 
 def _lineage_hash(cfg: TeamsRLConfig) -> str:
@@ -188,6 +189,9 @@ class IterationSummary:
     action_share: dict[str, float]
     env_steps: int
     time_s: float
+    dominant_action: str | None = None  # the action with the largest share of the steps
+    dominant_action_share: float | None = None
+    action_share_alert: bool = False  # dominant_action_share > policy.max_action_share
 
     @classmethod
     def from_result(cls, iteration: int, result: dict, time_s: float) -> IterationSummary:
@@ -211,7 +215,20 @@ class IterationSummary:
             action_share=share,
             env_steps=int(_float(env.get("num_env_steps_sampled_lifetime")) or 0),
             time_s=time_s,
+            **_dominant(share),
         )
+
+    def check_action_share(self, ceiling: float) -> IterationSummary:
+        """This summary with ``action_share_alert`` set against ``ceiling``."""
+        share = self.dominant_action_share
+        return dataclasses.replace(self, action_share_alert=share is not None and share > ceiling)
+
+
+def _dominant(share: dict[str, float]) -> dict[str, Any]:
+    if not share:
+        return {}
+    name = max(share, key=share.get)
+    return {"dominant_action": name, "dominant_action_share": share[name]}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -339,7 +356,9 @@ def _train_policy(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> list[Ite
         for iteration in range(state["iterations_done"] + 1, cfg.policy.iterations + 1):
             started = time.monotonic()
             result = algo.train()
-            summary = IterationSummary.from_result(iteration, result, time.monotonic() - started)
+            summary = IterationSummary.from_result(
+                iteration, result, time.monotonic() - started
+            ).check_action_share(cfg.policy.max_action_share)
             checkpoint = policy_dir / "checkpoints" / f"iter_{iteration:04d}"
             algo.save_to_path(str(checkpoint))
             # State first: a kill between the two loses one metrics line, never repeats an
@@ -357,6 +376,16 @@ def _train_policy(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> list[Ite
                 f"eliminated {_fmt(summary.elimination_rate)}, "
                 f"queries/episode {_fmt(summary.queries_per_episode)}, {summary.time_s:.0f} s"
             )
+            if summary.action_share_alert:
+                message = (
+                    f"policy iter {iteration}: action '{summary.dominant_action}' took "
+                    f"{summary.dominant_action_share:.2f} of the steps, above "
+                    f"policy.max_action_share={cfg.policy.max_action_share}: the policy is "
+                    "collapsing onto one action (check the reward: is it paying that action "
+                    "for noise?)"
+                )
+                logger.warning(message)
+                log(f"WARNING {message}")
             summaries.append(summary)
         return summaries
     finally:

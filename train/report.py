@@ -383,7 +383,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     out += ["## Policy training (stage 1)", ""]
     pt = report["policy_training"]
     keys = ["iterations", "episode_return_first", "episode_return_last", "info_gain_last",
-            "queries_per_episode_last", "env_steps"]
+            "queries_per_episode_last", "dominant_action_last", "dominant_action_share_last",
+            "action_share_alerts", "env_steps"]
     out += [_table(["metric", *runs], [[k, *[pt[r].get(k) if pt[r] else None for r in runs]]
                                        for k in keys]), "", plot("policy_training")]
 
@@ -449,6 +450,9 @@ def _policy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "diversity_last": last("diversity"),
         "elimination_rate_last": last("elimination_rate"),
         "queries_per_episode_last": last("queries_per_episode"),
+        "dominant_action_last": last("dominant_action"),
+        "dominant_action_share_last": last("dominant_action_share"),
+        "action_share_alerts": sum(bool(r.get("action_share_alert")) for r in rows),
         "env_steps": last("env_steps"),
         "time_s": sum(float(r.get("time_s") or 0.0) for r in rows),
     }
