@@ -19,7 +19,8 @@ from tests.integration.conftest import TEST_API_KEY
 def test_a_fresh_process_scores_many_at_once_over_http(demo_app, demo_cfg):
     """The first concurrent score in a new process (it loads the tokenizer in threads)."""
     script = textwrap.dedent(f"""
-                from serve.client import LLMClient
+        from rl_system.config import load_config
+        from serve.client import LLMClient
 
         cfg = load_config("configs/demo.yaml", ["serve.port={demo_cfg.serve.port}"])
         client = LLMClient.from_config(cfg, "reviewer", transport="http")
