@@ -16,10 +16,12 @@ from serve.client import LLMCallError, LLMClient, RateLimit
 from tests.integration.conftest import TEST_API_KEY
 
 
+@pytest.mark.slow  # demo_app: SmolLM2 behind Serve, ~50 s to start on 2 cores
 def test_a_fresh_process_scores_many_at_once_over_http(demo_app, demo_cfg):
     """The first concurrent score in a new process (it loads the tokenizer in threads)."""
     script = textwrap.dedent(f"""
-                from serve.client import LLMClient
+        from rl_system.config import load_config
+        from serve.client import LLMClient
 
         cfg = load_config("configs/demo.yaml", ["serve.port={demo_cfg.serve.port}"])
         client = LLMClient.from_config(cfg, "reviewer", transport="http")
@@ -36,6 +38,7 @@ def test_a_fresh_process_scores_many_at_once_over_http(demo_app, demo_cfg):
     assert "OK 4" in done.stdout
 
 
+@pytest.mark.slow  # demo_app: SmolLM2 behind Serve, ~50 s to start on 2 cores
 def test_an_over_long_request_fails_alone_among_valid_ones(demo_app, demo_cfg):
     client = LLMClient.from_config(demo_cfg, "reviewer", transport="handle")
     short = "Say yes."

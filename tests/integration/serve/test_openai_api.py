@@ -134,6 +134,7 @@ def test_the_key_is_in_no_serve_config_checkpoint_job_log_or_run_file(chatty, tm
     assert not found
 
 
+@pytest.mark.slow  # demo_app: SmolLM2 behind Serve, ~50 s to start on 2 cores
 def test_chat_logprobs_are_the_answer_tokens_log_probabilities(demo_app, demo_cfg):
     from serve.client import LLMClient
 

@@ -16,6 +16,7 @@ CAPITALS = [
 ]
 
 
+@pytest.mark.slow  # demo_app: SmolLM2 behind Serve, ~50 s to start on 2 cores
 def test_openai_client_gets_a_chat_completion(demo_app):
     client = openai.OpenAI(base_url=demo_app, api_key=TEST_API_KEY)
     assert "expert" in {m.id for m in client.models.list().data}
@@ -29,6 +30,7 @@ def test_openai_client_gets_a_chat_completion(demo_app):
     assert 0 < resp.usage.completion_tokens <= 16
 
 
+@pytest.mark.slow  # demo_app: SmolLM2 behind Serve, ~50 s to start on 2 cores
 def test_llm_client_over_a_handle_generates_and_counts(demo_app, demo_cfg):
     client = LLMClient.from_config(demo_cfg, "expert")
     assert client.transport.name == "handle"
@@ -38,6 +40,7 @@ def test_llm_client_over_a_handle_generates_and_counts(demo_app, demo_cfg):
     assert client.usage.completion_tokens == sum(a.completion_tokens for a in answers) > 0
 
 
+@pytest.mark.slow  # demo_app: SmolLM2 behind Serve, ~50 s to start on 2 cores
 @pytest.mark.parametrize("transport", ["handle", "http"])
 def test_score_ranks_the_right_answer_first(demo_app, demo_cfg, transport):
     client = LLMClient.from_config(demo_cfg, "reviewer", transport=transport)
@@ -53,6 +56,7 @@ def _post(url: str, body, *, key: str | None = TEST_API_KEY, raw: bytes | None =
     return httpx.post(url, json=body, headers=headers, timeout=60)
 
 
+@pytest.mark.slow  # demo_app: SmolLM2 behind Serve, ~50 s to start on 2 cores
 def test_auth_rejects_missing_and_wrong_tokens(demo_app):
     url = f"{demo_app}/chat/completions"
     body = {"model": "expert", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -63,6 +67,7 @@ def test_auth_rejects_missing_and_wrong_tokens(demo_app):
     assert httpx.get(f"{demo_app}/models").status_code == 401
 
 
+@pytest.mark.slow  # demo_app: SmolLM2 behind Serve, ~50 s to start on 2 cores
 def test_malformed_requests_get_4xx_json_and_serving_continues(demo_app):
     url = f"{demo_app}/chat/completions"
     ok = {"model": "expert", "messages": [{"role": "user", "content": "Say yes."}], "max_tokens": 4}
