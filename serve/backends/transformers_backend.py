@@ -226,6 +226,27 @@ class TransformersBackend:
             logits = self._model(input_ids=input_ids, attention_mask=attention).logits.float()
         return torch.log_softmax(logits, dim=-1).cpu(), input_ids.cpu()
 
+    def _span_logp(self, rows: list[list[int]], spans: list[tuple[int, int]]) -> list[float]:
+        """Sum of each row's token log-probs over its ``(start, end)`` span, one forward
+        pass; the vocabulary projection runs only at the positions that predict a span
+        token (a few per row, not every prompt position)."""
+        import torch
+
+        input_ids, attention = self._pad(rows, side="right")
+        # token t is predicted by the logits at t-1
+        positions = sorted({p for start, end in spans for p in range(start - 1, end - 1)})
+        column = {p: k for k, p in enumerate(positions)}
+        with torch.inference_mode():
+            logits = self._model(input_ids=input_ids, attention_mask=attention,
+                                 logits_to_keep=torch.tensor(positions, device=self._device)
+                                 ).logits.float()
+            logp = torch.log_softmax(logits, dim=-1).cpu()
+        ids = input_ids.cpu()
+        return [
+            float(sum(logp[row, column[t - 1], ids[row, t]] for t in range(start, end)))
+            for row, (start, end) in enumerate(spans)
+        ]
+
     def token_logprobs(
         self, texts: list[str], *, cancelled: Cancelled | None = None
     ) -> list[TokenLogprobs | BackendError]:
@@ -284,12 +305,8 @@ class TransformersBackend:
             return results
         if cancelled is not None and cancelled():
             return [r or _gone() for r in results]
-        logp, input_ids = self._forward_logp(rows)
         sums: dict[int, list[float]] = {}
-        for row, ((start, end), i) in enumerate(zip(spans, owners, strict=True)):
-            targets = input_ids[row, start:end]
-            # token t is predicted by the logits at t-1
-            lp = float(logp[row, start - 1 : end - 1].gather(-1, targets[:, None]).sum())
+        for lp, i in zip(self._span_logp(rows, spans), owners, strict=True):
             sums.setdefault(i, []).append(lp)
         for i, values in sums.items():
             results[i] = ScoreResult(logprobs=values, prompt_tokens=spans[owners.index(i)][0])

@@ -157,3 +157,28 @@ def test_health_check_runs_the_model(tiny_model_dir):
         b._model.model.embed_tokens.weight.fill_(float("nan"))  # a corrupted model
     with pytest.raises(BackendError, match="health"):
         b.check_health()
+
+
+def test_score_equals_the_full_forward_log_probs_of_each_candidate(backend):
+    """Projecting only the positions that predict a candidate changes nothing: the sums
+    match a plain forward over the whole row, for candidates of different lengths, in a
+    batch with prompts of other lengths."""
+    import torch
+
+    requests = [
+        ScoreRequest(messages=[{"role": "user", "content": "Equal or not? <<<a>>> <<<b>>>"}],
+                     candidates=["Equal", "Not Equal"]),
+        ScoreRequest(messages=[{"role": "user", "content": "Rate it from 1 to 5, a longer "
+                                "prompt than the first one by several words."}],
+                     candidates=["1", "2", "3", "4", "5"]),
+    ]
+    got = [r.logprobs for r in backend.score(requests)]
+    for request, values in zip(requests, got, strict=True):
+        prompt = backend._encode(backend._render(request))
+        for candidate, value in zip(request.candidates, values, strict=True):
+            ids = prompt + backend._encode(candidate)
+            with torch.inference_mode():
+                logits = backend._model(input_ids=torch.tensor([ids])).logits.float()
+            logp = torch.log_softmax(logits[0], dim=-1)
+            expected = sum(float(logp[t - 1, ids[t]]) for t in range(len(prompt), len(ids)))
+            assert value == pytest.approx(expected, abs=1e-4)
