@@ -366,10 +366,13 @@ def reviewer_check_command(
 
     _roles_up(cfg)
     out_dir = cfg.run_dir / OUT_SUBDIR
+    from rl_system.encoders import TextEncoder
+
     report = run_check(
         LLMClient.from_config(cfg, "reviewer"), pairs, modes=chosen,
         min_info_gain=cfg.policy.reward.min_info_gain, log=click.echo,
         on_mode_done=lambda partial: write_report(partial, out_dir),
+        text_encoder=TextEncoder(cfg.models.encoder), reward=cfg.policy.reward,
     )
     paths = write_report(report, out_dir)
     click.echo(format_table(report))

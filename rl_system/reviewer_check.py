@@ -47,6 +47,9 @@ JSON_NAME = "reviewer_check.json"
 PNG_NAME = "reviewer_check.png"
 BOOTSTRAP_DRAWS = 1000
 WORD_GAIN = "word_gain"
+NOVELTY = "embedding_novelty"
+REWARD = "reward"
+BASELINES = (WORD_GAIN, NOVELTY)
 PARAPHRASE = "paraphrase"
 PAIR_FIELDS = ("id", "category", "before", "after", "good")
 
@@ -123,6 +126,26 @@ def word_gain(before: str, after: str) -> dict[str, float]:
     the rewrite's words that are new length, ``max(0, 1 - words(before)/words(after))``."""
     wb, wa = max(1, len(before.split())), max(1, len(after.split()))
     return {"value": max(0.0, 1.0 - wb / wa), "raw": wa / wb}
+
+
+def embedding_novelty(text_encoder, pairs: Sequence[Pair]) -> list[dict[str, float]]:
+    """The reward's ``diversity`` of a one-step episode: 1 - cosine(before, after) of the
+    sentence embeddings (no model query)."""
+    before = text_encoder.encode([p.before for p in pairs])
+    after = text_encoder.encode([p.after for p in pairs])
+    novelty = 1.0 - np.sum(before * after, axis=1)
+    return [{"value": float(d), "raw": float(d)} for d in novelty]
+
+
+def reward_scores(judged: Sequence[dict], novelty: Sequence[dict], reward) -> list[dict]:
+    """The configured reward of a one-step episode before any penalty (``RewardConfig``):
+    info_gain, raw info_gain and diversity weighted as stage 1 weights them."""
+    out = []
+    for j, d in zip(judged, novelty, strict=True):
+        r = (reward.info_gain_weight * j["value"] + reward.info_gain_raw_weight * j["raw"]
+             + reward.diversity_weight * d["value"])
+        out.append({"value": r, "raw": r})
+    return out
 
 
 def score_mode(client, mode: str, pairs: Sequence[Pair]) -> tuple[list[dict], int]:
@@ -235,27 +258,37 @@ def run_check(
     seed: int = 0,
     log: Callable[[str], None] = print,
     on_mode_done: Callable[[dict[str, Any]], None] | None = None,
+    text_encoder=None,
+    reward=None,
 ) -> dict[str, Any]:
     """Score ``pairs`` with each mode through ``client`` (the reviewer's ``LLMClient``).
 
-    ``on_mode_done`` gets the report so far after each mode (the CLI writes it, so a long
-    run that is interrupted keeps the modes it finished).
+    ``text_encoder`` adds the embedding-novelty baseline (the reward's ``diversity``);
+    with ``reward`` (``RewardConfig``) too, the configured reward itself is scored once its
+    judge mode (``reward.judge``) has been. ``on_mode_done`` gets the report so far after
+    each mode (the CLI writes it, so a long run that is interrupted keeps the modes it
+    finished).
     """
     from serve.client import LLMCallError
 
     per_pair: dict[str, list[dict]] = {WORD_GAIN: [word_gain(p.before, p.after) for p in pairs]}
     queries: dict[str, int | None] = {WORD_GAIN: 0}
+    if text_encoder is not None:
+        per_pair[NOVELTY], queries[NOVELTY] = embedding_novelty(text_encoder, pairs), 0
     failed: dict[str, str] = {}
     summaries: dict[str, dict] = {}
 
     def report() -> dict[str, Any]:
         for name, scores in per_pair.items():
             if name not in summaries:  # each scorer's figures depend on its scores alone
+                kind = ("baseline" if name in BASELINES else "reward" if name == REWARD
+                        else "judge")
                 summaries[name] = {
-                    "kind": "baseline" if name == WORD_GAIN else "judge",
+                    "kind": kind,
+                    **({"judge": reward.judge} if kind == "reward" else {}),
                     **summarise(
                         pairs, scores, queries=queries[name], min_info_gain=min_info_gain,
-                        two_orders=name != WORD_GAIN and get_judge(name).two_orders,
+                        two_orders=kind == "judge" and get_judge(name).two_orders,
                         draws=draws, seed=seed,
                     ),
                 }
@@ -286,6 +319,10 @@ def run_check(
             # one mode's failed call (e.g. a timeout) must not cost the other modes' figures
             failed[mode] = str(exc)
             log(f"reviewer-check: {mode}: failed: {exc}")
+        if reward is not None and mode == reward.judge and mode in per_pair and (
+                NOVELTY in per_pair):
+            per_pair[REWARD] = reward_scores(per_pair[mode], per_pair[NOVELTY], reward)
+            queries[REWARD] = queries[mode]
         if on_mode_done is not None:
             on_mode_done(report())
     if modes and len(failed) == len(modes):
@@ -353,13 +390,13 @@ def format_table(report: dict[str, Any]) -> str:
     def num(x, fmt=".3f"):
         return "-" if x is None else format(x, fmt)
 
-    head = (f"{'scorer':<11} {'AUC all [95% CI]':<17} {'vs paraphr.':<17} {'vs degenerate':<17} "
+    head = (f"{'scorer':<17} {'AUC all [95% CI]':<17} {'vs paraphr.':<17} {'vs degenerate':<17} "
             f"{'+rules':>6} {'acc@thr':>7} {'+rules':>6} {'pos.bias':>8} {'self':>6} "
             f"{'queries':>7}")
     lines = [head, "-" * len(head)]
     for name, s in report["scorers"].items():
         lines.append(
-            f"{name:<11} {auc(s, 'all'):<17} {auc(s, 'vs_paraphrase'):<17} "
+            f"{name:<17} {auc(s, 'all'):<17} {auc(s, 'vs_paraphrase'):<17} "
             f"{auc(s, 'vs_degenerate'):<17} {s['auc_all_with_rules']:>6.2f} "
             f"{s['accuracy_at_threshold']:>7.2f} {s['accuracy_with_rules']:>6.2f} "
             f"{num(s['position_bias']):>8} {num(s['self_pair']):>6} {s['queries']:>7}"

@@ -177,3 +177,33 @@ def test_a_failing_mode_is_reported_and_the_others_still_measured():
     with pytest.raises(LLMCallError, match="every judge mode failed"):
         rc.run_check(_NoGenerate(), PAIRS, modes=["cot"], min_info_gain=0.0, draws=5,
                      log=lambda _: None)
+
+
+class _BagOfWordsEncoder:
+    """Algorithm-test double for TextEncoder: unit vectors of word counts (fixed words)."""
+
+    VOCAB = sorted({w for p in PAIRS for t in (p.before, p.after) for w in t.lower().split()})
+
+    def encode(self, texts):
+        rows = np.array([[t.lower().split().count(w) for w in self.VOCAB] for t in texts], float)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_the_configured_reward_and_embedding_novelty_are_scored_beside_the_judges():
+    from rl_system.config import RewardConfig
+
+    reward = RewardConfig(judge="preference", info_gain_weight=2.0, diversity_weight=0.5)
+    report = rc.run_check(_FakeReviewer(), PAIRS, modes=["preference", "equality"],
+                          min_info_gain=0.0, draws=5, log=lambda _: None,
+                          text_encoder=_BagOfWordsEncoder(), reward=reward)
+    assert list(report["scorers"]) == ["word_gain", "embedding_novelty", "preference",
+                                       "reward", "equality"]
+    assert report["scorers"]["reward"]["kind"] == "reward"
+    assert report["scorers"]["reward"]["judge"] == "preference"
+    assert report["scorers"]["embedding_novelty"]["queries"] == 0
+    for pair in report["pairs"]:
+        s = pair["scores"]
+        expected = 2.0 * s["preference"]["value"] + 0.5 * s["embedding_novelty"]["value"]
+        assert s["reward"]["value"] == pytest.approx(expected)
+    same = next(p for p in report["pairs"] if p["id"] == "paraphrase-1")
+    assert 0.0 < same["scores"]["embedding_novelty"]["value"] < 1.0
