@@ -58,6 +58,8 @@ def pipeline_overrides(run_root: Path, serve_port: int, base_model: Path) -> lis
                                 ("script", json.dumps(ROLE_SCRIPT)))]
     return [
         f"run.dir={run_root}", "run.name=cluster", *roles, f"sft.base_model={base_model}",
+        # the scripted reviewer answers the equality judge's labels (Equal / Not Equal)
+        "policy.reward.judge=equality",
         f"serve.port={serve_port}", "serve.num_gpus=1", "serve.num_cpus=1",
         "policy.iterations=1", "policy.num_env_runners=1", "policy.train_batch_size=4",
         "policy.max_steps=4",
