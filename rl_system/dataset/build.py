@@ -74,6 +74,10 @@ def config_hash(cfg: TeamsRLConfig, policy_checkpoint: str | None) -> str:
     data = cfg.to_portable_dict()
     dataset = {k: v for k, v in data["dataset"].items()
                if k not in ("max_expert_queries", "concurrency", "actor_num_cpus")}
+    # Only the columns a user mapped: builds made before the setting keep their fingerprint.
+    seed_columns = {k: v for k, v in dataset.pop("seed_columns").items() if v is not None}
+    if seed_columns:
+        dataset["seed_columns"] = seed_columns
     models = {role: {k: data["models"][role][k] for k in ("model", "sampling")}
               for role in ("expert", "reviewer")}
     p = data["policy"]
@@ -93,7 +97,8 @@ def check_inputs(cfg: TeamsRLConfig) -> tuple[SeedSet, str | None]:
     from rl_system.strategies import STRATEGIES, load_policy_module, resolve_policy_checkpoint
 
     seeds = load_seeds(cfg.dataset.seeds, limit=cfg.dataset.num_seeds,
-                       skip_bad_lines=cfg.dataset.skip_bad_lines)
+                       skip_bad_lines=cfg.dataset.skip_bad_lines,
+                       columns=cfg.dataset.seed_columns.model_dump())
     checkpoint = None
     if STRATEGIES[cfg.dataset.strategy].needs_policy:
         path = resolve_policy_checkpoint(cfg)
