@@ -148,6 +148,11 @@ class DatasetConfig(ConfigSection):
         description="Stop the build early once more than this share of the seeds failed "
         "transiently (a role down or overloaded); the next run retries them.",
     )
+    card_license: str = Field(
+        "other", min_length=1,
+        description="license: of the dataset card (README.md): a Hub license id such as "
+        "apache-2.0 or cc-by-4.0; mind the expert model's terms. Not part of the fingerprint.",
+    )
     concurrency: int = Field(2, ge=1, description="Ray Data actors per model-calling stage.")
     actor_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per Ray Data actor.")
 
