@@ -94,8 +94,35 @@ class PolicyConfig(ConfigSection):
     seed: int = 0
 
 
+class SeedColumns(ConfigSection):
+    """Which column of the seed file holds each seed field; ``None`` reads the field's own name.
+
+    Example (a CSV of questions): ``seed_columns: {instruction: question, id: qid}``.
+    """
+
+    instruction: str | None = Field(None, min_length=1, description="Column of the instruction.")
+    input: str | None = Field(None, min_length=1, description="Column of the optional input.")
+    id: str | None = Field(None, min_length=1, description="Column of the optional seed id.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> SeedColumns:
+        resolved = [getattr(self, f) or f for f in ("instruction", "input", "id")]
+        if len(set(resolved)) < len(resolved):
+            raise ValueError(
+                f"dataset.seed_columns maps two fields to one column ({resolved}); "
+                "give instruction, input and id different columns"
+            )
+        return self
+
+
 class DatasetConfig(ConfigSection):
-    seeds: str = Field("data/seed_instructions.jsonl", description="JSONL / JSON / parquet.")
+    seeds: str = Field(
+        "data/seed_instructions.jsonl", description="JSONL / JSON / CSV / parquet."
+    )
+    seed_columns: SeedColumns = Field(
+        default_factory=SeedColumns,
+        description="Column names of the seed file, when not instruction / input / id.",
+    )
     strategy: Literal["policy", "wizardlm", "random"] = "policy"
     num_seeds: int | None = Field(None, ge=1, description="Use the first N seeds; None = all.")
     skip_bad_lines: bool = Field(False, description="Skip (and count) malformed seed lines.")
@@ -120,6 +147,11 @@ class DatasetConfig(ConfigSection):
         0.5, ge=0, le=1,
         description="Stop the build early once more than this share of the seeds failed "
         "transiently (a role down or overloaded); the next run retries them.",
+    )
+    card_license: str = Field(
+        "other", min_length=1,
+        description="license: of the dataset card (README.md): a Hub license id such as "
+        "apache-2.0 or cc-by-4.0; mind the expert model's terms. Not part of the fingerprint.",
     )
     concurrency: int = Field(2, ge=1, description="Ray Data actors per model-calling stage.")
     actor_num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per Ray Data actor.")

@@ -79,7 +79,8 @@ def load_policy_seeds(cfg: TeamsRLConfig) -> list[Seed]:
     The env gets whole seeds: an episode evolves an instruction together with its input.
     """
     seed_set = load_seeds(
-        cfg.dataset.seeds, limit=cfg.dataset.num_seeds, skip_bad_lines=cfg.dataset.skip_bad_lines
+        cfg.dataset.seeds, limit=cfg.dataset.num_seeds, skip_bad_lines=cfg.dataset.skip_bad_lines,
+        columns=cfg.dataset.seed_columns.model_dump(),
     )
     if seed_set.skipped_bad or seed_set.skipped_empty:
         logger.warning(

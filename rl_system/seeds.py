@@ -7,12 +7,16 @@ with a message naming the file and line, not minutes later inside an actor.
 Supported formats, chosen by extension:
 
 * ``.jsonl`` / ``.ndjson``: one JSON object per line; blank lines are ignored.
-* ``.json``: a list of objects, or an object ``{"data": [...]}``.
+* ``.json``: a list of objects, or an object ``{"data": [...]}`` (Alpaca's
+  ``alpaca_data.json`` as it is: its ``output`` is ignored, stage 2 writes responses).
+* ``.csv``: UTF-8, a header row, one row per seed.
 * ``.parquet`` / ``.pq``: one row per seed (needs ``pyarrow``, which ``ray[data]`` brings).
 
 Each record needs an ``instruction`` string. ``input`` (a string or null) and ``id`` (a
 string or integer) are optional; other fields (``category`` ...) are ignored. A record
 without an id gets :func:`stable_seed_id` of its text, so re-runs give the same ids.
+``columns`` (``dataset.seed_columns``) names other columns for these three fields, in
+every format; a column it names must be there.
 
 Example::
 
@@ -23,9 +27,10 @@ Example::
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +43,11 @@ __all__ = ["SUPPORTED_SUFFIXES", "Seed", "SeedFileError", "SeedSet", "load_seeds
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _JSON_SUFFIXES = (".json",)
 _PARQUET_SUFFIXES = (".parquet", ".pq")
-SUPPORTED_SUFFIXES: tuple[str, ...] = _JSONL_SUFFIXES + _JSON_SUFFIXES + _PARQUET_SUFFIXES
+_CSV_SUFFIXES = (".csv",)
+SUPPORTED_SUFFIXES: tuple[str, ...] = (
+    _JSONL_SUFFIXES + _JSON_SUFFIXES + _PARQUET_SUFFIXES + _CSV_SUFFIXES
+)
+SEED_FIELDS: tuple[str, ...] = ("instruction", "input", "id")
 
 _SKIP_HINT = "fix it, or skip malformed records with skip_bad_lines=True (dataset.skip_bad_lines)"
 
@@ -57,7 +66,8 @@ class Seed:
         input: Optional context the instruction refers to (a passage, code, data); ``""``
             when there is none.
         source: Where the record came from: ``"path:line"`` (JSONL, 1-based),
-            ``"path item i"`` (JSON list, 0-based) or ``"path row i"`` (parquet, 0-based).
+            ``"path item i"`` (JSON list, 0-based), ``"path row i"`` (parquet, 0-based)
+            or ``"path:line"`` (CSV, the file line where the row ends).
     """
 
     id: str
@@ -107,14 +117,17 @@ def load_seeds(
     *,
     limit: int | None = None,
     skip_bad_lines: bool = False,
+    columns: Mapping[str, str | None] | None = None,
 ) -> SeedSet:
     """Load and check the seed instructions in ``path``.
 
     Args:
-        path: A ``.jsonl``/``.ndjson``, ``.json`` or ``.parquet``/``.pq`` file.
+        path: A ``.jsonl``/``.ndjson``, ``.json``, ``.csv`` or ``.parquet``/``.pq`` file.
         limit: Keep only the first ``limit`` usable seeds; reading stops there, so records
             after them are not checked. ``None`` keeps all.
         skip_bad_lines: Skip and count malformed records instead of raising.
+        columns: ``{"instruction": col, "input": col, "id": col}``, each optional; a
+            missing or ``None`` entry reads the field's own name (``dataset.seed_columns``).
 
     Returns:
         A :class:`SeedSet` with at least one seed.
@@ -129,7 +142,8 @@ def load_seeds(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     path = Path(path)
-    records = _open_records(path)
+    names = _Columns.of(columns)
+    records = _open_records(path, names)
 
     seeds: list[Seed] = []
     first_seen: dict[str, str] = {}
@@ -138,7 +152,7 @@ def load_seeds(
         for where, record in records:
             total += 1
             try:
-                seed = _parse_record(record, where)
+                seed = _parse_record(record, where, names)
             except _BadRecord as bad:
                 if not skip_bad_lines:
                     raise SeedFileError(f"{where}: {bad}; {_SKIP_HINT}") from None
@@ -172,13 +186,45 @@ class _BadRecord(Exception):
 
 
 @dataclass(frozen=True)
+class _Columns:
+    """Which record key holds each seed field, and which of them the user mapped."""
+
+    names: dict[str, str]
+    mapped: frozenset[str]
+
+    @classmethod
+    def of(cls, columns: Mapping[str, str | None] | None) -> _Columns:
+        columns = dict(columns or {})
+        unknown = sorted(set(columns) - set(SEED_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"seed columns: unknown field(s) {unknown}; map only {', '.join(SEED_FIELDS)}"
+            )
+        mapped = frozenset(f for f, col in columns.items() if col is not None)
+        return cls({f: columns.get(f) or f for f in SEED_FIELDS}, mapped)
+
+    def __getitem__(self, field_name: str) -> str:
+        return self.names[field_name]
+
+    def label(self, field_name: str) -> str:
+        """How an error names the field: ``'input'``, or the mapped column and the setting."""
+        if field_name in self.mapped:
+            return f"column {self.names[field_name]!r} (dataset.seed_columns.{field_name})"
+        return repr(field_name)
+
+    def required(self) -> list[str]:
+        """Fields a file's header must have: the instruction and every mapped one."""
+        return [f for f in SEED_FIELDS if f == "instruction" or f in self.mapped]
+
+
+@dataclass(frozen=True)
 class _Unparsable:
     """Stands in for a record that could not be decoded at all."""
 
     reason: str
 
 
-def _open_records(path: Path) -> Generator[tuple[str, Any], None, None]:
+def _open_records(path: Path, names: _Columns) -> Generator[tuple[str, Any], None, None]:
     """Check ``path`` and return an iterator of ``(location, record)`` pairs."""
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
@@ -193,7 +239,9 @@ def _open_records(path: Path) -> Generator[tuple[str, Any], None, None]:
         return _jsonl_records(path)
     if suffix in _JSON_SUFFIXES:
         return _json_records(path)
-    return _parquet_records(path)
+    if suffix in _CSV_SUFFIXES:
+        return _csv_records(path, names)
+    return _parquet_records(path, names)
 
 
 def _jsonl_records(path: Path) -> Generator[tuple[str, Any], None, None]:
@@ -240,7 +288,38 @@ def _json_records(path: Path) -> Generator[tuple[str, Any], None, None]:
         yield f"{path} item {index}", item
 
 
-def _parquet_records(path: Path) -> Generator[tuple[str, Any], None, None]:
+def _csv_records(path: Path, names: _Columns) -> Generator[tuple[str, Any], None, None]:
+    try:
+        f = path.open(encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise SeedFileError(f"cannot read seed file {path}: {exc.strerror}") from None
+    with f:
+        reader = csv.DictReader(f)
+        try:
+            header = reader.fieldnames or []
+            _check_header(path, f"{path}:1", header, names)
+            for row in reader:
+                # A short row leaves its last columns None: the record check calls them missing.
+                yield f"{path}:{reader.line_num}", row
+        except UnicodeDecodeError as exc:
+            raise SeedFileError(
+                f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from None
+        except csv.Error as exc:
+            raise SeedFileError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+
+
+def _check_header(path: Path, where: str, header: list[str], names: _Columns) -> None:
+    """Refuse a file whose columns lack the instruction or a mapped column."""
+    for field_name in names.required():
+        if names[field_name] not in header:
+            what = names.label(field_name) if field_name in names.mapped else "'instruction' column"
+            raise SeedFileError(
+                f"{where}: no {what} (the file's columns: {', '.join(header) or 'none'})"
+            )
+
+
+def _parquet_records(path: Path, names: _Columns) -> Generator[tuple[str, Any], None, None]:
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
@@ -252,12 +331,9 @@ def _parquet_records(path: Path) -> Generator[tuple[str, Any], None, None]:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise SeedFileError(f"{path}: not a readable parquet file ({exc})") from None
-    names = parquet.schema_arrow.names
-    if "instruction" not in names:
-        raise SeedFileError(
-            f"{path}: no 'instruction' column (columns: {', '.join(names) or 'none'})"
-        )
-    columns = [name for name in ("id", "instruction", "input") if name in names]
+    header = parquet.schema_arrow.names
+    _check_header(path, str(path), header, names)
+    columns = [names[f] for f in SEED_FIELDS if names[f] in header]
     row = 0
     for batch in parquet.iter_batches(columns=columns, batch_size=4096):
         for record in batch.to_pylist():
@@ -265,7 +341,7 @@ def _parquet_records(path: Path) -> Generator[tuple[str, Any], None, None]:
             row += 1
 
 
-def _parse_record(record: Any, where: str) -> Seed | None:
+def _parse_record(record: Any, where: str, names: _Columns) -> Seed | None:
     """Turn one decoded record into a Seed; ``None`` if its instruction is empty.
 
     Raises:
@@ -275,21 +351,30 @@ def _parse_record(record: Any, where: str) -> Seed | None:
         raise _BadRecord(record.reason)
     if not isinstance(record, dict):
         raise _BadRecord(f"expected a JSON object, got {_type_name(record)}")
-    if "instruction" not in record or record["instruction"] is None:
-        raise _BadRecord("missing 'instruction'")
-    instruction = record["instruction"]
+    for field_name in names.required():
+        if field_name != "instruction" and names[field_name] not in record:
+            raise _BadRecord(f"missing {names.label(field_name)}")
+    instruction = record.get(names["instruction"])
+    if instruction is None:
+        raise _BadRecord(f"missing {names.label('instruction')}")
     if not isinstance(instruction, str):
-        raise _BadRecord(f"'instruction' must be a string, got {_type_name(instruction)}")
-    input_text = record.get("input")
+        raise _BadRecord(
+            f"{names.label('instruction')} must be a string, got {_type_name(instruction)}"
+        )
+    input_text = record.get(names["input"])
     if input_text is None:
         input_text = ""
     elif not isinstance(input_text, str):
-        raise _BadRecord(f"'input' must be a string or null, got {_type_name(input_text)}")
-    raw_id = record.get("id")
+        raise _BadRecord(
+            f"{names.label('input')} must be a string or null, got {_type_name(input_text)}"
+        )
+    raw_id = record.get(names["id"])
     if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, str | int)):
-        raise _BadRecord(f"'id' must be a string or an integer, got {_type_name(raw_id)}")
+        raise _BadRecord(
+            f"{names.label('id')} must be a string or an integer, got {_type_name(raw_id)}"
+        )
     if isinstance(raw_id, str) and not raw_id.strip():
-        raise _BadRecord("'id' is an empty string; remove it to get a generated id")
+        raise _BadRecord(f"{names.label('id')} is an empty string; remove it to get a generated id")
 
     instruction = instruction.strip()
     if not instruction:

@@ -6,10 +6,10 @@ Seeds (``dataset.seeds``) stream through two actor-pool stages: ``evolve`` (the 
 picks evolution actions; the expert rewrites, the reviewer reviews, the rules drop
 failures) and ``respond`` (the expert answers every surviving candidate). The driver then
 removes duplicates and writes, under ``runs/<name>/dataset/``, parquet shards, Alpaca and
-chat exports and the stage manifest. Every model call goes through a request-hash resume
-cache, and the expert's paid calls through ``dataset.max_expert_queries``: a re-run with
-the same config replays cached answers and yields the same rows; a changed config is
-refused.
+chat exports, a dataset card and the stage manifest. Every model call goes through a
+request-hash resume cache, and the expert's paid calls through
+``dataset.max_expert_queries``: a re-run with the same config replays cached answers and
+yields the same rows; a changed config is refused.
 
 One module per concern:
 
@@ -18,7 +18,7 @@ One module per concern:
 - ``actors``: one seed's episode and the Ray Data stage actors, and why they are actors
   rather than ``ray.data.llm`` processors;
 - ``cache``: the resume cache, request hashes and sampling seeds, the query budget;
-- ``outputs``: pair ids, dedupe, the parquet schema and exports, the seed tally, the
+- ``outputs``: pair ids, dedupe, the parquet schema, exports and card, the seed tally, the
   summary table and the stage's metrics.
 """
 

@@ -32,6 +32,7 @@ from rl_system.dataset.outputs import (
     empty_reason,
     format_summary,
     pair_id,
+    write_card,
 )
 from rl_system.reviewer import RULE_NAMES
 from rl_system.rundir import (
@@ -68,12 +69,17 @@ class DatasetIncomplete(TeamsRLError):
 def config_hash(cfg: TeamsRLConfig, policy_checkpoint: str | None) -> str:
     """What decides the rows: a change here is refused, never mixed into the old run.
 
-    The budget, concurrency and transport details (timeouts, endpoints, keys) are left
-    out: changing them resumes the same build.
+    The budget, concurrency, card license and transport details (timeouts, endpoints,
+    keys) are left out: changing them resumes the same build.
     """
     data = cfg.to_portable_dict()
     dataset = {k: v for k, v in data["dataset"].items()
-               if k not in ("max_expert_queries", "concurrency", "actor_num_cpus")}
+               if k not in ("max_expert_queries", "concurrency", "actor_num_cpus",
+                            "card_license")}
+    # Only the columns a user mapped: builds made before the setting keep their fingerprint.
+    seed_columns = {k: v for k, v in dataset.pop("seed_columns").items() if v is not None}
+    if seed_columns:
+        dataset["seed_columns"] = seed_columns
     models = {role: {k: data["models"][role][k] for k in ("model", "sampling")}
               for role in ("expert", "reviewer")}
     p = data["policy"]
@@ -93,7 +99,8 @@ def check_inputs(cfg: TeamsRLConfig) -> tuple[SeedSet, str | None]:
     from rl_system.strategies import STRATEGIES, load_policy_module, resolve_policy_checkpoint
 
     seeds = load_seeds(cfg.dataset.seeds, limit=cfg.dataset.num_seeds,
-                       skip_bad_lines=cfg.dataset.skip_bad_lines)
+                       skip_bad_lines=cfg.dataset.skip_bad_lines,
+                       columns=cfg.dataset.seed_columns.model_dump())
     checkpoint = None
     if STRATEGIES[cfg.dataset.strategy].needs_policy:
         path = resolve_policy_checkpoint(cfg)
@@ -233,6 +240,10 @@ def _build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> dict:
     }
     if not kept:
         summary["empty_reason"] = empty_reason(summary)
+    files["card"] = write_card(
+        out_dir, license=cfg.dataset.card_license, strategy=strategy,
+        policy_checkpoint=checkpoint, expert_model=cfg.models.expert.model,
+        judge=cfg.policy.reward.judge, pairs=len(kept), expert_usage=expert)
     logical = expert["queries"] + expert["cached"]
     manifest = write_manifest(
         out_dir, stage=STAGE, fingerprint=digest,

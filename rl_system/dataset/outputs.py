@@ -4,8 +4,9 @@ the per-seed tally, the summary table and the Ray metrics it records.
 The driver removes exact and near duplicates (MiniLM cosine >=
 ``dataset.dedupe_threshold``) and writes, under ``runs/<name>/dataset/``:
 ``data/part-*.parquet`` (one row per pair, :func:`row_schema`, DESIGN §3),
-``alpaca.json``, ``chat.jsonl`` and ``manifest.json`` (config hash, counts, query totals,
-the summary table of :func:`format_summary`).
+``alpaca.json``, ``chat.jsonl``, ``README.md`` (a Hugging Face dataset card,
+:func:`write_card`) and ``manifest.json`` (config hash, counts, query totals, the summary
+table of :func:`format_summary`).
 """
 
 from __future__ import annotations
@@ -116,6 +117,71 @@ def _write_outputs(out_dir: Path, rows: list[dict]) -> dict[str, Any]:
                     + "\n")
     os.replace(tmp, out_dir / "chat.jsonl")
     return {"parquet": shards, "alpaca": "alpaca.json", "chat": "chat.jsonl"}
+
+
+CARD = "README.md"
+CARD_TAGS = ("teams-rl", "instruction-tuning", "synthetic")
+
+
+def card_features(schema) -> list[dict[str, Any]]:
+    """``dataset_info.features`` of a dataset card, in the YAML form ``datasets`` writes:
+    ``{name, dtype}``, ``{name, list: <element>}``, ``{name, struct: [...]}``."""
+    import pyarrow as pa
+
+    def feature(arrow_type) -> dict[str, Any]:
+        if pa.types.is_struct(arrow_type):
+            return {"struct": [{"name": f.name, **feature(f.type)} for f in arrow_type]}
+        if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+            element = feature(arrow_type.value_type)
+            return {"list": element.get("dtype", element)}
+        # Arrow calls its floats "double"/"float"/"halffloat"; datasets' dtypes say "float64".
+        dtype = {pa.float64(): "float64", pa.float32(): "float32",
+                 pa.float16(): "float16"}.get(arrow_type)
+        return {"dtype": dtype or str(arrow_type)}
+
+    return [{"name": f.name, **feature(f.type)} for f in schema]
+
+
+def write_card(out_dir: Path, *, license: str, strategy: str, policy_checkpoint: str | None,
+               expert_model: str, judge: str, pairs: int, expert_usage: dict[str, int]) -> str:
+    """Write ``README.md``, the dataset card: YAML front matter a Hub or ``datasets`` reads
+    (configs, features, license, tags) and the lineage of the rows. Returns its file name.
+
+    ``expert_usage``: the expert role's totals (``USAGE_KEYS``) over this build."""
+    import yaml
+
+    front = {
+        "license": license,
+        "tags": list(CARD_TAGS),
+        "configs": [{"config_name": "default",
+                     "data_files": [{"split": "train", "path": f"{DATA_DIR}/*.parquet"}]}],
+        "dataset_info": {"features": card_features(row_schema()),
+                         "splits": [{"name": "train", "num_examples": pairs}]},
+    }
+    tokens = expert_usage["prompt_tokens"] + expert_usage["completion_tokens"]
+    body = "\n".join([
+        "# TeaMs-RL instruction dataset", "",
+        f"{pairs} instruction-response pairs made by TeaMs-RL's stage 2 "
+        "(`teams-rl build-dataset`): seed instructions evolved by the strategy below, "
+        "each response written by the expert model.", "",
+        "| | |", "|---|---|",
+        f"| strategy | `{strategy}` |",
+        f"| policy checkpoint | `{policy_checkpoint or 'none'}` |",
+        f"| expert model | `{expert_model}` |",
+        f"| reviewer judge mode | `{judge}` |",
+        f"| pairs | {pairs} |",
+        f"| expert queries (paid / cached) | {expert_usage['queries']} / "
+        f"{expert_usage['cached']} |",
+        f"| expert tokens (prompt + completion) | {tokens} |", "",
+        "Files: `data/*.parquet` (one row per pair; `review` a struct, `actions` a list), "
+        "`alpaca.json` (instruction / input / output) and `chat.jsonl` (TRL's `messages`). "
+        "`manifest.json` holds the full counts.", "",
+    ])
+    tmp = out_dir / f".{CARD}.tmp"
+    tmp.write_text(f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n{body}",
+                   encoding="utf-8")
+    os.replace(tmp, out_dir / CARD)
+    return CARD
 
 
 @dataclass

@@ -394,3 +394,12 @@ def test_cli_build_dataset_bad_seeds_fail_before_ray(tmp_path, ray_init_calls):
                                        "--set", "dataset.skip_bad_lines=true"])
     assert result.exit_code != 0 and "train-policy" in result.output  # no checkpoint
     assert ray_init_calls == []
+
+
+def test_config_hash_counts_seed_columns_only_when_mapped():
+    cfg = load_config(None)
+    h = config_hash(cfg, None)
+    cfg.dataset.seed_columns.input = None
+    assert config_hash(cfg, None) == h
+    cfg.dataset.seed_columns.instruction = "question"
+    assert config_hash(cfg, None) != h

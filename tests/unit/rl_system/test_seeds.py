@@ -1,4 +1,4 @@
-"""Seed loading: the shipped seed set, the three formats, and every refusal's message."""
+"""Seed loading: the shipped seed set, the four formats, column mapping, every refusal's message."""
 
 from __future__ import annotations
 
@@ -204,14 +204,14 @@ def test_missing_file_names_the_path(tmp_path):
 
 
 def test_unknown_extension_lists_the_supported_ones(tmp_path):
-    path = tmp_path / "seeds.csv"
+    path = tmp_path / "seeds.tsv"
     path.write_text("instruction\nHello\n", encoding="utf-8")
 
     with pytest.raises(SeedFileError) as info:
         load_seeds(path)
 
     message = str(info.value)
-    assert "'.csv'" in message
+    assert "'.tsv'" in message
     assert all(suffix in message for suffix in SUPPORTED_SUFFIXES)
 
 
@@ -361,3 +361,103 @@ def test_utf8_bom_is_accepted(tmp_path):
     path.write_bytes("\ufeff".encode() + record("With a BOM.").encode() + b"\n")
 
     assert load_seeds(path)[0].instruction == "With a BOM."
+
+
+# ------------------------------------------------------------------ Alpaca, CSV, column mapping
+
+
+def test_alpaca_json_loads_as_it_is_and_its_output_is_ignored(tmp_path):
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps([
+        {"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat."},
+        {"instruction": "Translate to French.", "input": "Good morning.", "output": "Bonjour."},
+    ]), encoding="utf-8")
+
+    seeds = load_seeds(path)
+
+    assert seeds.seeds == [
+        Seed(id=stable_seed_id("Give three tips for staying healthy."),
+             instruction="Give three tips for staying healthy."),
+        Seed(id=stable_seed_id("Translate to French.", "Good morning."),
+             instruction="Translate to French.", input="Good morning."),
+    ]
+
+
+CSV_TEXT = (
+    'qid,question,context,answer\nq1,"Explain tides, briefly.",,x\n'
+    'q2,Summarise this.,"A\nshort text.",y\n'
+)
+MAPPING = {"instruction": "question", "input": "context", "id": "qid"}
+
+
+def test_csv_with_a_column_mapping_loads_the_mapped_fields(tmp_path):
+    path = tmp_path / "seeds.csv"
+    path.write_text(CSV_TEXT, encoding="utf-8")
+
+    seeds = load_seeds(path, columns=MAPPING)
+
+    assert seeds.seeds == [
+        Seed(id="q1", instruction="Explain tides, briefly."),
+        Seed(id="q2", instruction="Summarise this.", input="A\nshort text."),
+    ]
+    assert seeds[0].source == f"{path}:2"
+
+
+def test_csv_with_our_own_header_needs_no_mapping(tmp_path):
+    path = tmp_path / "seeds.csv"
+    path.write_text("\ufeffinstruction,input\nExplain tides.,\n", encoding="utf-8")
+
+    assert load_seeds(path).seeds == [
+        Seed(id=stable_seed_id("Explain tides."), instruction="Explain tides.")]
+
+
+def test_a_missing_mapped_column_names_file_line_and_setting(tmp_path):
+    path = tmp_path / "seeds.csv"
+    path.write_text("qid,question\nq1,Fine.\nq2\n", encoding="utf-8")
+
+    with pytest.raises(SeedFileError, match=re.escape(
+            f"{path}:3: missing column 'question' (dataset.seed_columns.instruction)")):
+        load_seeds(path, columns={"instruction": "question", "id": "qid"})
+
+
+def test_a_mapped_column_absent_from_the_header_is_refused_at_once(tmp_path):
+    path = tmp_path / "seeds.csv"
+    path.write_text("qid,question\nq1,Fine.\n", encoding="utf-8")
+
+    with pytest.raises(SeedFileError, match=re.escape(
+            f"{path}:1: no column 'context' (dataset.seed_columns.input) "
+            "(the file's columns: qid, question)")):
+        load_seeds(path, columns={"instruction": "question", "input": "context"})
+
+
+def test_the_mapping_applies_to_json_and_parquet_too(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [{"question": "Explain tides.", "qid": "q1"}, {"qid": "q2"}]
+    jsonl = write_lines(tmp_path / "seeds.jsonl", [json.dumps(r) for r in rows])
+    parquet = tmp_path / "seeds.parquet"
+    pq.write_table(pa.table({"question": ["Explain tides.", None], "qid": ["q1", "q2"]}), parquet)
+    columns = {"instruction": "question", "id": "qid"}
+
+    for path, where in ((jsonl, f"{jsonl}:2"), (parquet, f"{parquet} row 1")):
+        with pytest.raises(SeedFileError, match=re.escape(
+                f"{where}: missing column 'question' (dataset.seed_columns.instruction)")):
+            load_seeds(path, columns=columns)
+        assert load_seeds(path, columns=columns, skip_bad_lines=True).seeds == [
+            Seed(id="q1", instruction="Explain tides.")]
+
+
+def test_an_unknown_mapped_field_is_a_programming_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown field"):
+        load_seeds(SHIPPED, columns={"prompt": "text"})
+
+
+def test_config_seed_columns_default_reads_the_shipped_file_and_refuses_clashes():
+    from rl_system.config import DatasetConfig
+
+    default = DatasetConfig()
+    assert default.seed_columns.model_dump() == {"instruction": None, "input": None, "id": None}
+    mapped = load_seeds(SHIPPED, columns=default.seed_columns.model_dump())
+    assert mapped.seeds == load_seeds(SHIPPED).seeds
+    with pytest.raises(ValueError, match="two fields to one column"):
+        DatasetConfig(seed_columns={"instruction": "text", "input": "text"})
