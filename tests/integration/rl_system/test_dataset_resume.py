@@ -177,13 +177,16 @@ def test_bad_seeds_and_empty_rewrites(scripted, tmp_path):
 
 def _expert_down(cfg, name):
     """The expert behind an OpenAI-compatible URL where nothing listens."""
+    from serve.config import role_config
     from tests.integration.conftest import free_port
 
     down = cfg.model_copy(deep=True)
     down.run.name = name
-    down.models.expert = down.models.expert.model_copy(update={
-        "backend": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1",
-        "max_retries": 0, "timeout_s": 5.0})
+    expert = down.models.expert
+    # a role of another backend is a new role config (each backend has its own fields)
+    down.models.expert = role_config(
+        backend="openai", model=expert.model, sampling=expert.sampling.model_dump(),
+        base_url=f"http://127.0.0.1:{free_port()}/v1", max_retries=0, timeout_s=5.0)
     return down
 
 
