@@ -51,7 +51,7 @@ def _cfg(demo_cfg, root: Path, name: str, extra: list[str]):
         "sft.num_workers=1", "sft.max_steps=3", "sft.max_seq_len=128",
         "sft.eval_fraction=0.4", "sft.checkpoint_every_steps=3",
         # stage 4
-        "eval.limit=8", "eval.mia_samples=6", "eval.mia_max_tokens=64",
+        "eval.limit=8", "eval.mia_samples=6", "eval.mia_max_tokens=128",
         *extra,
     ])
 
