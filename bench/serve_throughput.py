@@ -26,16 +26,8 @@ import time
 
 import numpy as np
 
-PROMPTS = [
-    "Describe how a bicycle gear works.",
-    "Write a short note inviting a friend to lunch.",
-    "Explain why the sky looks blue.",
-    "List three ways to save water at home.",
-    "Summarise the plot of a detective story in two sentences.",
-    "Give advice to someone learning to cook.",
-    "Explain what a prime number is.",
-    "Describe the smell of rain.",
-]
+# The same prompts as bench/serve_batching.py (this folder is on sys.path when run).
+from serve_batching import PROMPTS  # noqa: E402
 
 
 def copy_bandwidth_gb_s(size_mb: int = 512, rounds: int = 5) -> float:
