@@ -78,7 +78,8 @@ def evolve(task: Task, action: EvolutionAction, *, rewriter, reviewer,
     tokens = completion.prompt_tokens + completion.completion_tokens
     rewrite = Task(completion.text.strip(), action.input_after(task.input))
     try:
-        review = reviewer.review(task, rewrite, history=list(history) or [task])
+        review = reviewer.review(task, rewrite, history=list(history) or [task],
+                                 new_task=action.replaces_task)
     except LLMCallError as exc:
         return _failed(exc, task=task, rewrite=rewrite, queries=1, tokens=tokens)
     if review.eliminated:

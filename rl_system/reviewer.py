@@ -126,6 +126,11 @@ class Evidence:
     info_gain: float = 1.0
     min_info_gain: float = 0.0
     response: str = ""
+    # Cosine of the two instructions' sentence embeddings (None without an encoder), and
+    # whether the action writes a new task (breadth), which may leave the topic.
+    topic_similarity: float | None = None
+    min_topic_similarity: float = 0.0
+    new_task: bool = False
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,11 @@ def truncated(text: str) -> bool:
     return words[-1] in DANGLING_WORDS
 
 
+def _off_topic(e: Evidence) -> bool:
+    return (not e.new_task and e.topic_similarity is not None
+            and e.topic_similarity < e.min_topic_similarity)
+
+
 def _no_gain(e: Evidence) -> bool:
     return _normalise(e.after.text) == _normalise(e.before.text) or e.info_gain <= e.min_info_gain
 
@@ -219,6 +229,13 @@ ELIMINATION_RULES: tuple[EliminationRule, ...] = (
         lambda e: truncated(e.after.instruction),
     ),
     EliminationRule(
+        "off_topic", "instruction", "ours",
+        "a depth operation whose rewrite is about something else: the instructions' "
+        "embedding cosine is below policy.reward.min_topic_similarity (breadth, which "
+        "writes a new task, is exempt)",
+        _off_topic,
+    ),
+    EliminationRule(
         "no_info_gain", "instruction", "Evol-Instruct rule 1",
         "identical to the task it came from, or calibrated info_gain at most "
         "policy.reward.min_info_gain",
@@ -240,12 +257,16 @@ INSTRUCTION_RULES = tuple(r for r in ELIMINATION_RULES if r.judges == "instructi
 RESPONSE_RULES = tuple(r for r in ELIMINATION_RULES if r.judges == "response")
 
 
-def eliminate(before, after, info_gain: float = 1.0, *, min_info_gain: float = 0.0):
+def eliminate(before, after, info_gain: float = 1.0, *, min_info_gain: float = 0.0,
+              topic_similarity: float | None = None, min_topic_similarity: float = 0.0,
+              new_task: bool = False):
     """The first instruction rule that drops the evolution ``before`` -> ``after``, or
     ``None``. ``before`` / ``after``: a ``Task`` or an instruction string; ``info_gain``
     is the calibrated one; without a reviewer score (left at 1) only the textual rules
-    can fire."""
-    evidence = Evidence(Task.of(before), Task.of(after), info_gain, min_info_gain)
+    can fire, and without ``topic_similarity`` not ``off_topic``."""
+    evidence = Evidence(Task.of(before), Task.of(after), info_gain, min_info_gain,
+                        topic_similarity=topic_similarity,
+                        min_topic_similarity=min_topic_similarity, new_task=new_task)
     return next((r.name for r in INSTRUCTION_RULES if r.fires(evidence)), None)
 
 
@@ -311,27 +332,38 @@ class Reviewer:
             self._self_pair.move_to_end(before)
         return judge_value(judge, answers, self_pair=reference)
 
-    def diversity(self, after: str, history: Sequence[str]) -> float:
-        if self.text_encoder is None or not history:
-            return 0.0
-        vectors = self.text_encoder.encode([after, *history])
-        return float(1.0 - np.max(vectors[1:] @ vectors[0]))
+    def embedding_scores(self, before: str, after: str,
+                         history: Sequence[str]) -> tuple[float | None, float]:
+        """(topic similarity: cosine of ``after`` to ``before``; diversity: 1 - the largest
+        cosine of ``after`` to the episode's earlier instructions), from one encode call.
+        Without an encoder: (None, 0)."""
+        if self.text_encoder is None:
+            return None, 0.0
+        vectors = self.text_encoder.encode([after, before, *history])
+        diversity = float(1.0 - np.max(vectors[2:] @ vectors[0])) if history else 0.0
+        return float(vectors[1] @ vectors[0]), diversity
 
     def _reward(self, *, calibrated: float, raw: float, diversity: float, query_cost: int,
                 eliminated: str | None) -> float:
         w = self.reward_cfg
+        cost = w.query_cost_weight * query_cost
+        if eliminated:
+            # A dropped evolution adds nothing to the dataset, so none of its scores are
+            # paid: an off-topic drift scores high on both the judge and diversity.
+            return -w.elimination_penalty - cost
         return (
             w.info_gain_weight * calibrated
             + w.info_gain_raw_weight * raw
             + w.diversity_weight * diversity
-            - w.query_cost_weight * query_cost
-            - (w.elimination_penalty if eliminated else 0.0)
+            - cost
         )
 
     def review(
-        self, before, after, *, history: Sequence = (), generation_queries: int = 1
+        self, before, after, *, history: Sequence = (), generation_queries: int = 1,
+        new_task: bool = False,
     ) -> Review:
-        """Score ``after`` (an evolution of ``before``); ``history`` = the episode so far.
+        """Score ``after`` (an evolution of ``before``); ``history`` = the episode so far;
+        ``new_task``: the action wrote a new task (breadth), so it may leave the topic.
 
         ``before`` / ``after`` / ``history`` items: ``Task`` or instruction strings. The
         reviewer compares whole tasks (instruction and input); diversity compares the
@@ -351,10 +383,13 @@ class Reviewer:
             )
         verdict = self.info_gain(before.text, after.text)
         calibrated, raw = verdict.value, verdict.raw
+        topic_similarity, diversity = self.embedding_scores(
+            before.instruction, after.instruction, history)
         eliminated = eliminate(
-            before, after, calibrated, min_info_gain=self.reward_cfg.min_info_gain
+            before, after, calibrated, min_info_gain=self.reward_cfg.min_info_gain,
+            topic_similarity=topic_similarity,
+            min_topic_similarity=self.reward_cfg.min_topic_similarity, new_task=new_task,
         )
-        diversity = self.diversity(after.instruction, history)
         # The cost a step *asks*, the same whether the self-pair came from the cache or not:
         # a reward must not depend on what an earlier step happened to ask.
         query_cost = generation_queries + self.judge.queries_per_pair()

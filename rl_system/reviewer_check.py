@@ -31,12 +31,13 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rl_system.actions import ACTIONS
 from rl_system.judges import JUDGE_NAMES, get_judge, judge_many
 from serve.errors import TeamsRLError
 from train.privacy import roc_auc, roc_curve
@@ -51,6 +52,8 @@ NOVELTY = "embedding_novelty"
 REWARD = "reward"
 BASELINES = (WORD_GAIN, NOVELTY)
 PARAPHRASE = "paraphrase"
+# categories named after an action that writes a new task: off_topic does not apply
+NEW_TASK_CATEGORIES = frozenset(a.name for a in ACTIONS if a.replaces_task)
 PAIR_FIELDS = ("id", "category", "before", "after", "good")
 
 
@@ -66,6 +69,14 @@ class Pair:
     after: str
     good: bool
     note: str = ""
+    # cosine of the two instructions' embeddings, set by ``run_check`` given an encoder
+    topic_similarity: float | None = None
+
+    @property
+    def new_task(self) -> bool:
+        """Whether the rewrite was asked of an action that writes a new task (breadth);
+        every other category, degenerate ones included, rewrites the same task."""
+        return self.category in NEW_TASK_CATEGORIES
 
 
 # (name, which pairs are the negatives): positives are always the good evolutions
@@ -109,13 +120,17 @@ def resolve_modes(modes: Sequence[str] = ()) -> list[str]:
 # -- the one call into the elimination rules (its signature is being reworked elsewhere) --
 
 
-def _eliminated(pair: Pair, *, info_gain: float | None, min_info_gain: float) -> str | None:
-    """The rule that drops ``pair.after``: textual rules alone when ``info_gain`` is None."""
+def _eliminated(pair: Pair, *, info_gain: float | None, min_info_gain: float,
+                min_topic_similarity: float = 0.0) -> str | None:
+    """The rule that drops ``pair.after``: the rules that need no judge (textual, and
+    off_topic where the pair has a topic similarity) when ``info_gain`` is None."""
     from rl_system.reviewer import eliminate
 
+    topic = {"topic_similarity": pair.topic_similarity,
+             "min_topic_similarity": min_topic_similarity, "new_task": pair.new_task}
     if info_gain is None:
-        return eliminate(pair.before, pair.after)
-    return eliminate(pair.before, pair.after, info_gain, min_info_gain=min_info_gain)
+        return eliminate(pair.before, pair.after, **topic)
+    return eliminate(pair.before, pair.after, info_gain, min_info_gain=min_info_gain, **topic)
 
 
 # -- scorers --------------------------------------------------------------------------------
@@ -135,6 +150,12 @@ def embedding_novelty(text_encoder, pairs: Sequence[Pair]) -> list[dict[str, flo
     after = text_encoder.encode([p.after for p in pairs])
     novelty = 1.0 - np.sum(before * after, axis=1)
     return [{"value": float(d), "raw": float(d)} for d in novelty]
+
+
+def with_topic_similarity(pairs: Sequence[Pair], novelty: Sequence[dict]) -> list[Pair]:
+    """``pairs`` with their topic similarity (1 - novelty), for the off_topic rule."""
+    return [replace(p, topic_similarity=1.0 - d["value"])
+            for p, d in zip(pairs, novelty, strict=True)]
 
 
 def reward_scores(judged: Sequence[dict], novelty: Sequence[dict], reward) -> list[dict]:
@@ -186,13 +207,15 @@ def summarise(
     queries: int | None,
     two_orders: bool,
     min_info_gain: float,
+    min_topic_similarity: float = 0.0,
     draws: int = BOOTSTRAP_DRAWS,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Figures of one scorer from its per-pair scores (dicts with value and raw at least)."""
     value = np.array([s["value"] for s in scores], dtype=np.float64)
     raw = np.array([s["raw"] for s in scores], dtype=np.float64)
-    textual = [_eliminated(p, info_gain=None, min_info_gain=min_info_gain) for p in pairs]
+    textual = [_eliminated(p, info_gain=None, min_info_gain=min_info_gain,
+                           min_topic_similarity=min_topic_similarity) for p in pairs]
     # rules first, then the judge: what a rule drops ranks below every judged pair
     with_rules = np.where([t is not None for t in textual], -1.0, value)
     good = np.array([p.good for p in pairs])
@@ -204,7 +227,8 @@ def summarise(
         aucs[name] = auc_with_ci(value, pos, neg, draws=draws, seed=seed + k)
     neg_all = np.flatnonzero(~good)
     kept_with_rules = np.array([
-        _eliminated(p, info_gain=float(v), min_info_gain=min_info_gain) is None
+        _eliminated(p, info_gain=float(v), min_info_gain=min_info_gain,
+                    min_topic_similarity=min_topic_similarity) is None
         for p, v in zip(pairs, value, strict=True)
     ])
     kept_by_threshold = value > min_info_gain
@@ -231,11 +255,12 @@ def summarise(
     }
 
 
-def rule_summary(pairs: Sequence[Pair]) -> dict[str, Any]:
-    """Per category: the share the textual elimination rules drop, and by which rule."""
+def rule_summary(pairs: Sequence[Pair], *, min_topic_similarity: float = 0.0) -> dict[str, Any]:
+    """Per category: the share the rules that need no judge drop, and by which rule."""
     out = {}
     for cat in dict.fromkeys(p.category for p in pairs):
-        fired = [_eliminated(p, info_gain=None, min_info_gain=0.0)
+        fired = [_eliminated(p, info_gain=None, min_info_gain=0.0,
+                             min_topic_similarity=min_topic_similarity)
                  for p in pairs if p.category == cat]
         out[cat] = {
             "n": len(fired),
@@ -273,8 +298,10 @@ def run_check(
 
     per_pair: dict[str, list[dict]] = {WORD_GAIN: [word_gain(p.before, p.after) for p in pairs]}
     queries: dict[str, int | None] = {WORD_GAIN: 0}
+    min_topic_similarity = reward.min_topic_similarity if reward is not None else 0.0
     if text_encoder is not None:
         per_pair[NOVELTY], queries[NOVELTY] = embedding_novelty(text_encoder, pairs), 0
+        pairs = with_topic_similarity(pairs, per_pair[NOVELTY])
     failed: dict[str, str] = {}
     summaries: dict[str, dict] = {}
 
@@ -288,6 +315,7 @@ def run_check(
                     **({"judge": reward.judge} if kind == "reward" else {}),
                     **summarise(
                         pairs, scores, queries=queries[name], min_info_gain=min_info_gain,
+                        min_topic_similarity=min_topic_similarity,
                         two_orders=kind == "judge" and get_judge(name).two_orders,
                         draws=draws, seed=seed,
                     ),
@@ -296,11 +324,12 @@ def run_check(
             "pairs_total": len(pairs),
             "categories": dict(Counter(p.category for p in pairs)),
             "min_info_gain": min_info_gain,
+            "min_topic_similarity": min_topic_similarity,
             "bootstrap": {"draws": draws, "seed": seed, "resampling": "pairs, within each class"},
             "modes_requested": list(modes),
             "scorers": dict(summaries),
             "failed_modes": dict(failed),
-            "rules": rule_summary(pairs),
+            "rules": rule_summary(pairs, min_topic_similarity=min_topic_similarity),
             "pairs": [
                 {"id": p.id, "category": p.category, "good": p.good,
                  "scores": {name: per_pair[name][i] for name in per_pair}}

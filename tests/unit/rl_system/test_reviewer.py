@@ -263,3 +263,39 @@ def test_min_info_gain_from_config_eliminates_through_the_reviewer():
     assert kept.eliminated is None and kept.info_gain == pytest.approx(0.5)
     strict = RewardConfig(diversity_weight=0, min_info_gain=0.5)
     assert Reviewer(client, reward=strict).review(SEED, after).eliminated == "no_info_gain"
+
+
+class _TopicVectors:
+    """Algorithm-test double for the text encoder: fixed unit vectors by text."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def encode(self, texts):
+        import numpy as np
+
+        return np.array([self.table[t] for t in texts], dtype=np.float64)
+
+
+def test_a_depth_operation_that_leaves_the_topic_is_eliminated_and_breadth_is_not():
+    # A depth operation must enrich *this* task: a rewrite about something else is off
+    # topic, however much the judge likes it. Breadth writes a new task by design.
+    import numpy as np
+
+    drifted = "List the main exports of Brazil in a table."
+    encoder = _TopicVectors({SEED: [1.0, 0.0], drifted: [0.1, float(np.sqrt(0.99))]})
+    client = _FixedScores({(SEED, drifted): 0.9, (drifted, SEED): 0.9, (SEED, SEED): 0.1})
+    reward = RewardConfig(min_topic_similarity=0.2)
+    reviewer = Reviewer(client, reward=reward, text_encoder=encoder)
+    depth = reviewer.review(SEED, drifted)
+    assert depth.eliminated == "off_topic"
+    assert depth.reward < 0
+    breadth = reviewer.review(SEED, drifted, new_task=True)
+    assert breadth.eliminated is None and breadth.diversity == pytest.approx(0.9)
+    assert eliminate(SEED, drifted, 0.9, topic_similarity=0.1, min_topic_similarity=0.2) == (
+        "off_topic")
+    assert eliminate(SEED, drifted, 0.9, topic_similarity=0.3, min_topic_similarity=0.2) is None
+    assert eliminate(SEED, drifted, 0.9, topic_similarity=0.1, min_topic_similarity=0.2,
+                     new_task=True) is None
+    # without an encoder there is no similarity, and the rule cannot fire
+    assert Reviewer(client, reward=reward).review(SEED, drifted).eliminated is None

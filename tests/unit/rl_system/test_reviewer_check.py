@@ -207,3 +207,24 @@ def test_the_configured_reward_and_embedding_novelty_are_scored_beside_the_judge
         assert s["reward"]["value"] == pytest.approx(expected)
     same = next(p for p in report["pairs"] if p["id"] == "paraphrase-1")
     assert 0.0 < same["scores"]["embedding_novelty"]["value"] < 1.0
+
+
+def test_off_topic_drift_counts_against_depth_operations_but_not_breadth():
+    # The same unrelated rewrite: a rule drop when a depth operation wrote it, a new task
+    # when breadth did. The check reads which from the pair's category.
+    from rl_system.config import RewardConfig
+
+    before, after = "Write a poem about the sea.", "List Brazilian exports by tonnage."
+    pairs = [rc.Pair("d", "deepening", before, after, True),
+             rc.Pair("b", "breadth", before, after, True),
+             rc.Pair("p", "paraphrase", before, "Write a poem about the ocean.", False)]
+
+    class Encoder(_BagOfWordsEncoder):
+        VOCAB = sorted({w for p in pairs for t in (p.before, p.after) for w in t.lower().split()})
+
+    report = rc.run_check(_FakeReviewer(), pairs, modes=[], min_info_gain=0.0, draws=5,
+                          log=lambda _: None, text_encoder=Encoder(),
+                          reward=RewardConfig(min_topic_similarity=0.2))
+    assert report["rules"]["deepening"]["by_rule"] == {"off_topic": 1}
+    assert report["rules"]["breadth"]["by_rule"] == {}
+    assert report["min_topic_similarity"] == 0.2
