@@ -132,6 +132,20 @@ def _init_ray(address: str | None) -> None:
         raise ClusterUnreachable(
             f"cannot join the Ray cluster at {address}: {exc}{hint}"
         ) from None
+    _quiet_ray_data(_verbose())
+
+
+def _quiet_ray_data(verbose: bool) -> None:
+    """Ray Data's own progress bars redraw per operator and drown a stage's progress line;
+    ``-v`` keeps them. Set on the driver: its DataContext travels with every dataset."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = verbose
+
+
+def _verbose() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("verbose"))
 
 
 def _roles_up(cfg: TeamsRLConfig) -> None:

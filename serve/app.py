@@ -114,7 +114,13 @@ def deployment_options(cfg: ServingConfig) -> dict[str, Any]:
         "max_ongoing_requests": cfg.serve.max_ongoing_requests,
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,
+        "logging_config": logging_config(cfg),
     }
+
+
+def logging_config(cfg: ServingConfig) -> dict[str, Any]:
+    """Serve's ``LoggingConfig`` for the proxy, the controller and every replica of ours."""
+    return {"enable_access_log": cfg.serve.access_log}
 
 
 def routes(cfg: ServingConfig) -> dict[str, str]:
@@ -141,7 +147,8 @@ def build_app(cfg: ServingConfig):
         for name, spec in llm_server_specs(cfg).items()
     }
     # The key file's path, never the key: bind arguments are stored in Serve's checkpoint.
-    return OpenAIIngress.bind(
+    ingress = OpenAIIngress.options(logging_config=logging_config(cfg))
+    return ingress.bind(
         servers, routes(cfg), roles=ROLES, limits=cfg.serve.limits.model_dump(),
         host=cfg.serve.host, api_key_file=cfg.serve.api_key_file,
     )
@@ -195,6 +202,7 @@ def serve_config(cfg: ServingConfig) -> dict[str, Any]:
                 "route_prefix": "/",
                 "import_path": "serve.app:app_builder",
                 "args": {"config": cfg.model_dump(mode="json", include=set(SERVING_SECTIONS))},
+                "logging_config": logging_config(cfg),
             }
         )
     llm_configs = vllm_llm_configs(cfg)
@@ -205,11 +213,13 @@ def serve_config(cfg: ServingConfig) -> dict[str, Any]:
                 "route_prefix": VLLM_ROUTE_PREFIX,
                 "import_path": "ray.serve.llm:build_openai_app",
                 "args": vllm_app_args(llm_configs, cfg.serve),
+                "logging_config": logging_config(cfg),
             }
         )
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
+        "logging_config": logging_config(cfg),
         "applications": applications,
     }
 
@@ -272,14 +282,16 @@ def deploy(cfg: ServingConfig) -> str:
     from ray import serve
 
     check_key(cfg)  # the replicas check again, with their own environment
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port},
+                logging_config=logging_config(cfg))
     if llm_server_specs(cfg):
         serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix="/", blocking=False)
     llm_configs = vllm_llm_configs(cfg)
     if llm_configs:
         serve.run(build_vllm_app(vllm_app_args(llm_configs, cfg.serve)),
                   name=f"{cfg.serve.app_name}-vllm",
-                  route_prefix=VLLM_ROUTE_PREFIX, blocking=False)
+                  route_prefix=VLLM_ROUTE_PREFIX, blocking=False,
+                  logging_config=logging_config(cfg))
     return cfg.serve.base_url
 
 

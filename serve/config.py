@@ -255,6 +255,11 @@ class ServeConfig(ConfigSection):
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads per CPU replica (default: num_cpus)."
     )
+    access_log: bool = Field(
+        False,
+        description="Serve's per-request access log lines (proxy and replicas); off by "
+        "default, since one line per model call drowns a run's progress.",
+    )
 
     @model_validator(mode="before")
     @classmethod

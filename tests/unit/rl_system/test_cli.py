@@ -65,3 +65,18 @@ def test_unwritable_run_dir_fails_before_ray(tmp_path, ray_init_calls, command):
     assert result.exit_code == 1
     assert "is not writable" in result.output and "run.dir" in result.output
 
+
+
+def test_ray_datas_progress_bars_are_off_unless_verbose():
+    from ray.data import DataContext
+
+    from rl_system.cli import _quiet_ray_data
+
+    before = DataContext.get_current().enable_progress_bars
+    try:
+        _quiet_ray_data(False)
+        assert DataContext.get_current().enable_progress_bars is False
+        _quiet_ray_data(True)
+        assert DataContext.get_current().enable_progress_bars is True
+    finally:
+        DataContext.get_current().enable_progress_bars = before

@@ -87,3 +87,17 @@ def test_vllm_roles_get_ray_serve_llms_ingress_behind_our_key_check(monkeypatch)
     module, cls = KEYED_INGRESS.split(":")
     source = Path(importlib.util.find_spec(module).origin).read_text()
     assert f"class {cls}(" in source and "guard(" in source
+
+
+def test_serves_access_log_is_off_by_default_and_on_when_asked():
+    from serve.app import build_app, deployment_options
+
+    cfg = load_config("configs/demo.yaml")
+    assert deployment_options(cfg)["logging_config"] == {"enable_access_log": False}
+    ingress = build_app(cfg)._bound_deployment
+    assert ingress._deployment_config.logging_config["enable_access_log"] is False
+    emitted = ServeDeploySchema.model_validate(serve_config(cfg))
+    assert emitted.logging_config.enable_access_log is False
+    assert all(a.logging_config.enable_access_log is False for a in emitted.applications)
+    loud = load_config("configs/demo.yaml", ["serve.access_log=true"])
+    assert deployment_options(loud)["logging_config"] == {"enable_access_log": True}
