@@ -10,6 +10,7 @@
     teams-rl pipeline --config configs/demo.yaml       # all of them, skipping what is done
     teams-rl evaluate --config configs/demo.yaml --compare runs/wizardlm  # stage 4
     teams-rl reviewer-check --config configs/demo.yaml  # judge modes on labelled pairs
+    teams-rl export --config configs/demo.yaml --to-hub user/name  # dataset to the Hub
 
 Every command takes ``--config FILE`` and any number of ``--set key=value`` overrides;
 an invalid config stops the command before Ray starts, naming the field.
@@ -271,6 +272,28 @@ def build_dataset_command(
         manifest = build_dataset(cfg, log=click.echo)
     pairs = manifest["summary"]["pairs_written"]
     click.echo(f"dataset: {pairs} pairs in {cfg.stage_dir('dataset')}")
+
+
+@main.command("export")
+@_config_options
+@click.option("--to-hub", "repo_id", default=None, metavar="REPO_ID",
+              help="Hugging Face dataset repo, e.g. user/teams-rl-demo (token from HF_TOKEN).")
+@click.option("--to-dir", "to_dir", type=click.Path(file_okay=False), default=None,
+              help="Write the same files (data/*.parquet + README.md) to a local folder.")
+@click.option("--private", is_flag=True, help="Create the Hub repo as private.")
+def export_command(config_path: str | None, overrides: tuple[str, ...], repo_id: str | None,
+                   to_dir: str | None, private: bool) -> None:
+    """Publish this run's complete dataset (parquet + card) to the Hub or a local folder."""
+    from rl_system.dataset.export import export_to_dir, export_to_hub
+
+    if (repo_id is None) == (to_dir is None):
+        raise click.UsageError("give exactly one of --to-hub REPO_ID and --to-dir PATH")
+    cfg = _load(config_path, overrides)
+    if to_dir is not None:
+        click.echo(f"export: wrote {export_to_dir(cfg.stage_dir('dataset'), to_dir)}")
+    else:
+        url = export_to_hub(cfg.stage_dir("dataset"), repo_id, private=private, log=click.echo)
+        click.echo(f"export: {url}")
 
 
 @main.command("evaluate")
