@@ -38,6 +38,12 @@ the"); ``truncated`` (cut off: an unclosed code fence or bracket, or a last word
 cannot end a sentence: an article, a conjunction, a possessive). None of them fires on any of the
 project's 333 seed instructions or on the good rewrites of ``data/reviewer_pairs.jsonl``
 (``tests/unit/rl_system/test_reviewer.py``).
+One more of ours judges by embedding: ``off_topic``, a depth operation whose rewrite's
+sentence-embedding cosine to its source is below ``policy.reward.min_topic_similarity``
+(it wrote about something else); ``breadth``, which writes a new task, is exempt.
+
+A surviving evolution's reward is the weighted sum of info_gain and diversity less its
+query cost; an eliminated one earns only ``-elimination_penalty`` less its query cost.
 Stage 1 has no response, so only the instruction rules apply there (as in WizardLM, where
 rules 2 and 3 can only be checked once the response exists).
 """
