@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.teams-rl-installed-$(shell sha1sum pyproject.toml | cut -c1-12)
-# The CPU build of torch; an unpinned torch would pull several GB of CUDA packages.
+# torch goes in first, pinned, so that the package install keeps it. Which build comes is the
+# index's choice: on Linux the default index's is the CUDA one (see TORCH_INDEX_URL).
 TORCH_SPEC ?= torch==2.13.0
 # Where pip finds torch, for the torch install only (the rest of our dependencies are not on
 # PyTorch's wheel indexes). Empty: pip's own configuration, which here finds the CPU wheel.
