@@ -125,7 +125,9 @@ class SeedColumns(ConfigSection):
 
 class DatasetConfig(ConfigSection):
     seeds: str = Field(
-        "data/seed_instructions.jsonl", description="JSONL / JSON / CSV / parquet."
+        "data/seed_instructions.jsonl",
+        description="JSONL / JSON / CSV / parquet file, or a Hugging Face dataset "
+        "hf://owner/name[:split] (streamed with datasets when the Hub is reachable).",
     )
     seed_columns: SeedColumns = Field(
         default_factory=SeedColumns,

@@ -11,6 +11,9 @@ Supported formats, chosen by extension:
   ``alpaca_data.json`` as it is: its ``output`` is ignored, stage 2 writes responses).
 * ``.csv``: UTF-8, a header row, one row per seed.
 * ``.parquet`` / ``.pq``: one row per seed (needs ``pyarrow``, which ``ray[data]`` brings).
+* ``hf://owner/name[:split]`` (split ``train`` by default): a Hugging Face dataset, streamed
+  with ``datasets.load_dataset`` when the Hub is reachable; offline (``HF_HUB_OFFLINE``) or
+  unreachable it is a :class:`SeedHubError` in seconds, not a hang.
 
 Each record needs an ``instruction`` string. ``input`` (a string or null) and ``id`` (a
 string or integer) are optional; other fields (``category`` ...) are ignored. A record
@@ -34,11 +37,14 @@ from collections.abc import Generator, Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from serve.errors import MissingExtra, TeamsRLError
 
-__all__ = ["SUPPORTED_SUFFIXES", "Seed", "SeedFileError", "SeedSet", "load_seeds", "stable_seed_id"]
+__all__ = [
+    "SUPPORTED_SUFFIXES", "HubSeeds", "Seed", "SeedFileError", "SeedHubError", "SeedSet",
+    "load_seeds", "seeds_from_rows", "stable_seed_id",
+]
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _JSON_SUFFIXES = (".json",)
@@ -54,6 +60,11 @@ _SKIP_HINT = "fix it, or skip malformed records with skip_bad_lines=True (datase
 
 class SeedFileError(TeamsRLError, ValueError):
     """A seed file is missing, unreadable, malformed, or leaves no usable seed."""
+
+
+class SeedHubError(SeedFileError):
+    """``dataset.seeds`` names a Hugging Face dataset that is malformed, out of reach or
+    unreadable."""
 
 
 @dataclass(frozen=True)
@@ -81,13 +92,13 @@ class SeedSet:
     """The result of :func:`load_seeds`: the seeds in file order plus what was skipped.
 
     Attributes:
-        path: The file the seeds were read from.
+        path: The file the seeds were read from, or ``"hf://owner/name:split"``.
         seeds: Usable seeds, in file order (at most ``limit`` of them).
         skipped_bad: Malformed records skipped because ``skip_bad_lines=True``.
         skipped_empty: Records whose instruction was empty or whitespace only.
     """
 
-    path: Path
+    path: Path | str
     seeds: list[Seed]
     skipped_bad: int = 0
     skipped_empty: int = 0
@@ -122,7 +133,8 @@ def load_seeds(
     """Load and check the seed instructions in ``path``.
 
     Args:
-        path: A ``.jsonl``/``.ndjson``, ``.json``, ``.csv`` or ``.parquet``/``.pq`` file.
+        path: A ``.jsonl``/``.ndjson``, ``.json``, ``.csv`` or ``.parquet``/``.pq`` file, or
+            a Hugging Face dataset ``hf://owner/name[:split]``.
         limit: Keep only the first ``limit`` usable seeds; reading stops there, so records
             after them are not checked. ``None`` keeps all.
         skip_bad_lines: Skip and count malformed records instead of raising.
@@ -138,13 +150,97 @@ def load_seeds(
             string, ``input``/``id`` of the wrong type) and ``skip_bad_lines`` is false;
             two records share an id (always an error: which one is right cannot be
             guessed); or no usable seed is left.
+        SeedHubError: a ``hf://`` id is malformed, the Hub is out of reach, or the dataset
+            cannot be read.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    path = Path(path)
     names = _Columns.of(columns)
-    records = _open_records(path, names)
+    hub = HubSeeds.parse(str(path))
+    if hub is not None:
+        return seeds_from_rows(hub.open(), source=hub, limit=limit,
+                               skip_bad_lines=skip_bad_lines, columns=columns)
+    path = Path(path)
+    return _collect(path, _open_records(path, names), names, limit=limit,
+                    skip_bad_lines=skip_bad_lines)
 
+
+@dataclass(frozen=True)
+class HubSeeds:
+    """A Hugging Face dataset given as ``dataset.seeds: hf://owner/name[:split]``."""
+
+    repo_id: str
+    split: str = "train"
+
+    PREFIX: ClassVar[str] = "hf://"
+
+    @classmethod
+    def parse(cls, value: str) -> HubSeeds | None:
+        """The id in ``value``, or ``None`` when ``value`` is a file path."""
+        if not value.startswith(cls.PREFIX):
+            return None
+        repo_id, colon, split = value[len(cls.PREFIX):].partition(":")
+        if repo_id.count("/") != 1 or not all(repo_id.split("/")) or (colon and not split):
+            raise SeedHubError(
+                f"dataset.seeds: {value!r} is not a Hugging Face dataset id; write "
+                "hf://owner/name or hf://owner/name:split (e.g. hf://tatsu-lab/alpaca)"
+            )
+        return cls(repo_id, split or "train")
+
+    def __str__(self) -> str:
+        return f"{self.PREFIX}{self.repo_id}:{self.split}"
+
+    def open(self):
+        """Stream the split's rows with ``datasets``; refuse in seconds when the Hub is out
+        of reach (offline mode, no route), where ``datasets`` would retry for minutes."""
+        from rl_system.hub import hub_unreachable
+
+        why = hub_unreachable()
+        if why:
+            raise SeedHubError(
+                f"dataset.seeds: cannot load the Hugging Face dataset {self.repo_id!r}: {why}; "
+                "download it where the Hub is reachable and point dataset.seeds at a "
+                "JSONL / JSON / CSV / parquet copy"
+            )
+        try:
+            import datasets
+        except ImportError as exc:
+            raise MissingExtra("seeds from the Hugging Face Hub need the datasets package: "
+                               "pip install datasets") from exc
+        try:
+            # Streaming reads only the rows the limit keeps, not the whole dataset.
+            return datasets.load_dataset(self.repo_id, split=self.split, streaming=True)
+        except Exception as exc:  # noqa: BLE001 - datasets raises many types for one cause
+            raise SeedHubError(
+                f"dataset.seeds: the Hugging Face dataset {self.repo_id!r} (split "
+                f"{self.split!r}) cannot be read: {type(exc).__name__}: {exc}"
+            ) from None
+
+
+def seeds_from_rows(
+    rows,
+    *,
+    source: HubSeeds,
+    limit: int | None = None,
+    skip_bad_lines: bool = False,
+    columns: Mapping[str, str | None] | None = None,
+) -> SeedSet:
+    """Seeds from the rows of a ``datasets`` (Iterable)Dataset, checked as a file's are.
+
+    Alpaca's own fields (instruction / input / output) need no mapping; ``output`` is
+    ignored. ``source`` names the rows in messages and in :attr:`SeedSet.path`."""
+    names = _Columns.of(columns)
+    header = getattr(rows, "column_names", None)
+    if header is not None:  # a streamed dataset may not know its columns up front
+        _check_header(str(source), str(source), list(header), names)
+    records = ((f"{source} row {i}", row) for i, row in enumerate(rows))
+    return _collect(str(source), records, names, limit=limit, skip_bad_lines=skip_bad_lines)
+
+
+def _collect(
+    path: Path | str, records, names: _Columns, *, limit: int | None, skip_bad_lines: bool,
+) -> SeedSet:
+    """Check every ``(location, record)`` pair and gather the usable seeds."""
     seeds: list[Seed] = []
     first_seen: dict[str, str] = {}
     skipped_bad = skipped_empty = total = 0

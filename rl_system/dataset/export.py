@@ -19,19 +19,18 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
 from rl_system.dataset.outputs import CARD, DATA_DIR
+from rl_system.hub import hub_endpoint, hub_unreachable
 from rl_system.rundir import COMPLETE, read_manifest
 from serve.errors import MissingExtra, TeamsRLError
 
 logger = logging.getLogger(__name__)
 
 TOKEN_ENVS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-HUB_PROBE_TIMEOUT_S = 5.0
 
 
 class ExportError(TeamsRLError):
@@ -100,7 +99,7 @@ def export_to_hub(dataset_dir: str | os.PathLike, repo_id: str, *, private: bool
     except ImportError as exc:
         raise MissingExtra("exporting to the Hub needs huggingface_hub: pip install "
                            "huggingface_hub (transformers brings it)") from exc
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    endpoint = hub_endpoint()
     _check_hub_reachable(endpoint)
     api = HfApi(endpoint=endpoint, token=token)
     try:
@@ -136,15 +135,9 @@ def _token() -> str:
 
 def _check_hub_reachable(endpoint: str) -> None:
     """Fail in seconds where ``huggingface_hub`` would retry: offline mode or no route."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise ExportError("HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset it, or "
-                          "use --to-dir PATH to write the same files locally")
-    parsed = urlparse(endpoint)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
-    except OSError as exc:
-        raise ExportError(
-            f"cannot reach the Hugging Face Hub at {endpoint} ({exc.strerror or exc}); check "
-            "the network (or HF_ENDPOINT), or use --to-dir PATH to write the files locally"
-        ) from None
+    why = hub_unreachable(endpoint)
+    if why is None:
+        return
+    fix = ("unset it" if why.startswith("HF_HUB_OFFLINE") else
+           "check the network (or HF_ENDPOINT)")
+    raise ExportError(f"{why}; {fix}, or use --to-dir PATH to write the same files locally")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -461,3 +462,69 @@ def test_config_seed_columns_default_reads_the_shipped_file_and_refuses_clashes(
     assert mapped.seeds == load_seeds(SHIPPED).seeds
     with pytest.raises(ValueError, match="two fields to one column"):
         DatasetConfig(seed_columns={"instruction": "text", "input": "text"})
+
+
+# ------------------------------------------------------------------ a Hugging Face dataset id
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"},
+                                 {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}])
+def test_a_hub_id_offline_or_unreachable_fails_fast_naming_the_setting_and_id(env, monkeypatch):
+    from rl_system.seeds import SeedHubError
+    from serve.errors import TeamsRLError
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)  # port 9: nothing listens there
+    started = time.monotonic()
+    with pytest.raises(SeedHubError) as refused:
+        load_seeds("hf://tatsu-lab/alpaca", limit=4)
+    assert time.monotonic() - started < 5
+    assert isinstance(refused.value, TeamsRLError)
+    message = str(refused.value)
+    assert "dataset.seeds" in message and "tatsu-lab/alpaca" in message
+    assert ("HF_HUB_OFFLINE" if env["HF_HUB_OFFLINE"] == "1" else "127.0.0.1:9") in message
+
+
+@pytest.mark.parametrize("spec", ["hf://alpaca", "hf://", "hf://a/b/c", "hf://a/b:"])
+def test_a_malformed_hub_id_is_refused_before_any_network(spec, monkeypatch):
+    from rl_system.seeds import SeedHubError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # an id check must come first
+    with pytest.raises(SeedHubError, match=r"dataset\.seeds.*hf://owner/name"):
+        load_seeds(spec)
+
+
+def test_hub_id_and_split_are_read_from_the_setting():
+    from rl_system.seeds import HubSeeds
+
+    assert HubSeeds.parse("hf://tatsu-lab/alpaca") == HubSeeds("tatsu-lab/alpaca", "train")
+    assert HubSeeds.parse("hf://o/n:validation") == HubSeeds("o/n", "validation")
+    assert HubSeeds.parse("data/seeds.jsonl") is None
+
+
+def test_rows_of_a_hub_dataset_in_alpaca_form_become_seeds_with_their_inputs():
+    datasets = pytest.importorskip("datasets")
+    from rl_system.seeds import HubSeeds, seeds_from_rows
+
+    alpaca = datasets.Dataset.from_list([
+        {"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat."},
+        {"instruction": "Translate to French.", "input": "Good morning.", "output": "Bonjour."},
+        {"instruction": "  ", "input": "", "output": "-"},
+    ])
+    seeds = seeds_from_rows(alpaca, source=HubSeeds("tatsu-lab/alpaca", "train"))
+
+    assert seeds.path == "hf://tatsu-lab/alpaca:train"
+    assert seeds.skipped_empty == 1
+    assert seeds.seeds == [
+        Seed(id=stable_seed_id("Give three tips for staying healthy."),
+             instruction="Give three tips for staying healthy."),
+        Seed(id=stable_seed_id("Translate to French.", "Good morning."),
+             instruction="Translate to French.", input="Good morning."),
+    ]
+    assert seeds[1].source == "hf://tatsu-lab/alpaca:train row 1"
+    mapped = datasets.Dataset.from_list([{"question": "Why is the sky blue?", "qid": 7}])
+    [seed] = seeds_from_rows(mapped, source=HubSeeds("o/n", "train"),
+                             columns={"instruction": "question", "id": "qid"})
+    assert (seed.id, seed.instruction) == ("7", "Why is the sky blue?")
+    with pytest.raises(SeedFileError, match="no 'instruction' column"):
+        seeds_from_rows(mapped, source=HubSeeds("o/n", "train"))
