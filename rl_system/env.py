@@ -26,6 +26,7 @@ import numpy as np
 from rl_system.actions import ACTIONS, action_space, decode_action
 from rl_system.config import TeamsRLConfig
 from rl_system.encoders import TextEncoder, build_encoder
+from rl_system.metrics import record_review
 from rl_system.reviewer import REVIEW_SCORES
 from rl_system.tasks import Task
 
@@ -159,6 +160,7 @@ class InstructionEvolutionEnv(gym.Env):
         for key in REVIEW_SCORES:
             info[key] = float(getattr(step.review, key))
         info["eliminated"] = float(step.outcome == "eliminated")
+        record_review(step.review, stage="policy", judge=self.cfg.policy.reward.judge)
         if step.kept:
             self.task = step.task
             self.history.append(step.task)

@@ -14,11 +14,16 @@ The serving rows (the ``llm`` server group and the ``client`` group) live in
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from serve.metrics import SERVE_METRICS, MetricRow
 from serve.metrics import metric_group as _metric_group
 
+if TYPE_CHECKING:
+    from rl_system.reviewer import Review
+
 _RUN_STAGE = ("run", "stage")
+INFO_GAIN_BOUNDARIES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 _RUN = ("run",)
 
 STAGE_METRICS: tuple[MetricRow, ...] = (
@@ -44,6 +49,17 @@ STAGE_METRICS: tuple[MetricRow, ...] = (
               ("strategy", "outcome")),
     MetricRow("dataset", "pairs", "counter", "teams_rl_dataset_pairs_total",
               "Instruction/response pairs written.", ("strategy",)),
+    MetricRow("dataset", "seeds", "counter", "teams_rl_dataset_seeds_total",
+              "Stage-2 seeds through the pipeline, by status (complete, or incomplete: the "
+              "budget or a transient failure left them for the next run).",
+              ("strategy", "status")),
+    # The reviewer's verdicts in both stages, by judge mode (policy.reward.judge).
+    MetricRow("reviewer", "reviews", "counter", "teams_rl_reviewer_reviews_total",
+              "Evolutions the reviewer judged, by stage, judge mode and outcome (kept, or the "
+              "elimination rule that dropped it).", ("stage", "judge", "outcome")),
+    MetricRow("reviewer", "info_gain", "histogram", "teams_rl_reviewer_info_gain",
+              "Calibrated info_gain of each evolution stage 1's env step reviewed.",
+              ("stage", "judge"), INFO_GAIN_BOUNDARIES),
     # Stage 3 (rank 0 records them), by run name.
     MetricRow("sft", "loss", "gauge", "teams_rl_sft_loss", "Train loss per token.", _RUN),
     MetricRow("sft", "eval_loss", "gauge", "teams_rl_sft_eval_loss",
@@ -97,9 +113,29 @@ def pipeline_metrics() -> SimpleNamespace:
 def maybe_pipeline_metrics() -> SimpleNamespace | None:
     """``pipeline_metrics()`` inside a Ray driver or worker, else ``None`` (e.g. a plain
     ``teams-rl evaluate``, which runs without Ray)."""
+    return maybe_metric_group("pipeline")
+
+
+def maybe_metric_group(group: str) -> SimpleNamespace | None:
+    """``metric_group(group)`` inside a Ray driver or worker, else ``None``."""
     try:
         import ray
 
-        return pipeline_metrics() if ray.is_initialized() else None
+        return metric_group(group) if ray.is_initialized() else None
     except ImportError:
         return None
+
+
+def review_tags(review: Review, *, stage: str, judge: str) -> dict[str, str]:
+    """The ``teams_rl_reviewer_reviews_total`` tags of one review: ``kept`` or its rule."""
+    return {"stage": stage, "judge": judge, "outcome": review.eliminated or "kept"}
+
+
+def record_review(review: Review, *, stage: str, judge: str) -> None:
+    """Count one review and observe its info_gain (no-op outside Ray, e.g. unit tests)."""
+    metrics = maybe_metric_group("reviewer")
+    if metrics is None:
+        return
+    tags = review_tags(review, stage=stage, judge=judge)
+    metrics.reviews.inc(tags=tags)
+    metrics.info_gain.observe(review.info_gain, tags={"stage": stage, "judge": judge})

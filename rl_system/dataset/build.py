@@ -187,7 +187,8 @@ def _build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> dict:
         for role, u in json.loads(row["usage"]).items():
             for k, v in u.items():
                 usage[role][k] += v
-        _record_metrics(metrics, strategy, seed_counts, json.loads(row["usage"]))
+        _record_metrics(metrics, strategy, seed_counts, json.loads(row["usage"]),
+                        incomplete=row["incomplete"], judge=cfg.policy.reward.judge)
         if tally.too_many_failures and tally.done < tally.total:
             # The role is down or overloaded: the remaining seeds would fail the same way.
             tally.stop_early()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from rl_system.reviewer import Review
+from rl_system.reviewer import INSTRUCTION_RULES, Review
 from rl_system.rundir import write_json
 from rl_system.tasks import task_text
 
@@ -290,7 +290,24 @@ def _metrics():
         return None
 
 
-def _record_metrics(metrics, strategy: str, counts: dict, usage: dict) -> None:
+def seed_outcomes(counts: dict) -> tuple[dict[str, int], dict[str, int]]:
+    """A seed's counts as (evolution outcomes, reviewer outcomes), zeros left out.
+
+    Evolutions: ``kept``, ``failed`` or ``eliminated/<rule>``; the reviewer's verdicts on
+    instructions: ``kept`` or an instruction rule (a failed call was judged by nobody, and a
+    response rule judged the expert's answer)."""
+
+    evolutions = {"kept": counts.get("evolutions_kept", 0),
+                  "failed": counts.get("evolutions_failed", 0)}
+    evolutions |= {key: n for key, n in counts.items() if key.startswith("eliminated/")}
+    evolutions = {k: n for k, n in evolutions.items() if n}
+    judged = {"kept", *(f"eliminated/{r.name}" for r in INSTRUCTION_RULES)}
+    reviews = {k.removeprefix("eliminated/"): n for k, n in evolutions.items() if k in judged}
+    return evolutions, reviews
+
+
+def _record_metrics(metrics, strategy: str, counts: dict, usage: dict, *,
+                    incomplete: bool = False, judge: str = "") -> None:
     if metrics is None:
         return
     for role, u in usage.items():
@@ -300,9 +317,13 @@ def _record_metrics(metrics, strategy: str, counts: dict, usage: dict) -> None:
         if u["cached"]:
             metrics.queries.inc(u["cached"], tags={"strategy": strategy, "role": role,
                                                    "source": "cached"})
-    for key, n in counts.items():
-        outcome = {"evolutions_kept": "kept", "evolutions_failed": "failed"}.get(key)
-        if key.startswith("eliminated/"):
-            outcome = key
-        if outcome and n:
-            metrics.evolutions.inc(n, tags={"strategy": strategy, "outcome": outcome})
+    evolutions, reviews = seed_outcomes(counts)
+    for outcome, n in evolutions.items():
+        metrics.evolutions.inc(n, tags={"strategy": strategy, "outcome": outcome})
+    metrics.seeds.inc(tags={"strategy": strategy,
+                            "status": "incomplete" if incomplete else "complete"})
+    from rl_system.metrics import metric_group
+
+    reviewer = metric_group("reviewer")
+    for outcome, n in reviews.items():
+        reviewer.reviews.inc(n, tags={"stage": "dataset", "judge": judge, "outcome": outcome})

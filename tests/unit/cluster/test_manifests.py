@@ -382,7 +382,8 @@ def test_grafana_dashboard_covers_every_stage():
         "ray_teams_rl_dataset_evolutions_total", "ray_teams_rl_dataset_pairs_total",
         "ray_teams_rl_dataset_queries_total", "ray_teams_rl_pipeline_stage_running",
         "ray_teams_rl_pipeline_stage_wall_s", "ray_teams_rl_eval_accuracy",
-        "ray_teams_rl_eval_mia_auc",
+        "ray_teams_rl_eval_mia_auc", "ray_teams_rl_dataset_seeds_total",
+        "ray_teams_rl_reviewer_reviews_total", "ray_teams_rl_reviewer_info_gain_bucket",
     }
     assert required <= used, sorted(required - used)
     queries = " ".join(_dashboard_queries())

@@ -49,3 +49,49 @@ def test_the_accessors_are_the_groups():
                       "queries_per_episode", "dominant_action_share"}
     assert gauges <= {f.name for f in fields(IterationSummary)}
     assert json.loads(DASHBOARD.read_text())  # the dashboard parses
+
+
+def _review(eliminated):
+    from rl_system.reviewer import Review
+
+    return Review(info_gain=0.4, info_gain_raw=0.5, info_gain_first_order=0.6,
+                  info_gain_second_order=0.4, self_pair=0.1, eliminated=eliminated,
+                  diversity=0.2, query_cost=3, reward=0.3)
+
+
+def test_a_review_is_tagged_with_its_stage_judge_mode_and_eliminating_rule():
+    from rl_system.metrics import review_tags
+
+    assert review_tags(_review(None), stage="policy", judge="preference") == {
+        "stage": "policy", "judge": "preference", "outcome": "kept"}
+    assert review_tags(_review("no_info_gain"), stage="policy", judge="equality") == {
+        "stage": "policy", "judge": "equality", "outcome": "no_info_gain"}
+    # the tags are the table's, so Ray accepts them
+    row = next(r for r in METRICS if r.name == "teams_rl_reviewer_reviews_total")
+    assert set(review_tags(_review(None), stage="dataset", judge="cot")) == set(row.tag_keys)
+
+
+def test_a_stage2_seed_counts_as_evolution_and_reviewer_outcomes():
+    from rl_system.dataset.outputs import seed_outcomes
+
+    counts = {"evolutions_tried": 5, "evolutions_kept": 2, "evolutions_failed": 1,
+              "reviews_failed": 1, "eliminated/no_info_gain": 1, "eliminated/truncated": 0,
+              "eliminated/refusal": 1, "responses_failed": 1}
+    evolutions, reviews = seed_outcomes(counts)
+    assert evolutions == {"kept": 2, "failed": 1, "eliminated/no_info_gain": 1,
+                          "eliminated/refusal": 1}
+    # the reviewer's verdicts on instructions: kept, or an instruction rule; a failed call
+    # is no verdict, and a response rule judged the expert's answer, not the instruction
+    assert reviews == {"kept": 2, "no_info_gain": 1}
+
+
+def test_the_dashboard_shows_progress_and_the_judge_mode_figures():
+    text = DASHBOARD.read_text()
+    for name in ("teams_rl_dataset_seeds_total", "teams_rl_dataset_pairs_total",
+                 "teams_rl_reviewer_reviews_total", "teams_rl_reviewer_info_gain_bucket"):
+        assert f"ray_{name}" in text, name
+    queries = [t["expr"] for p in json.loads(text)["panels"] for t in p.get("targets", [])]
+    judged = [q for q in queries if "teams_rl_reviewer_" in q]
+    assert judged and all(re.search(r"by \([^)]*\bjudge\b", q) for q in judged)
+    assert any(re.search(r"by \([^)]*\boutcome\b", q) for q in judged)  # eliminations by rule
+    assert any('role="expert", source="paid"' in q for q in queries)  # expert queries paid
