@@ -27,7 +27,6 @@ unrolling every round into separate cache/processor/cache stages.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,9 +34,51 @@ from dataclasses import dataclass, field
 from rl_system.actions import ACTIONS
 from rl_system.config import TeamsRLConfig
 from rl_system.dataset.cache import BudgetExhausted, CachedRole, RequestCache
-from rl_system.reviewer import eliminate_response
+from rl_system.dataset.outputs import USAGE_KEYS, row_schema
+from rl_system.reviewer import RULE_NAMES, eliminate_response
 from rl_system.seeds import Seed
 from rl_system.tasks import Task, user_messages
+
+# Every key a seed's counts may hold; the stage schema's ``counts`` struct has one field each.
+COUNT_KEYS: tuple[str, ...] = (
+    "evolutions_tried", "evolutions_kept", "evolutions_failed", "reviews_failed",
+    "infra_failures", "responses_failed", *(f"eliminated/{rule}" for rule in RULE_NAMES),
+)
+CANDIDATE_FIELDS = ("evolution_step", "actions", "instruction", "input", "review",
+                    "expert_queries", "expert_tokens", "response")
+STAGE_ROLES = ("expert", "reviewer")
+
+
+def stage_schema():
+    """The rows passed between the stage actors and to the driver: one per seed, its
+    candidates a list of structs typed as the parquet's columns (``response`` null until
+    the respond stage), counts and usage structs: no JSON strings to re-parse."""
+    import pyarrow as pa
+
+    pairs = row_schema()
+    usage = pa.struct([(k, pa.int64()) for k in USAGE_KEYS])
+    return pa.schema([
+        ("seed_index", pa.int64()), ("seed_id", pa.string()), ("instruction", pa.string()),
+        ("input", pa.string()),
+        ("candidates", pa.list_(pa.struct([pairs.field(f) for f in CANDIDATE_FIELDS]))),
+        ("counts", pa.struct([(k, pa.int64()) for k in COUNT_KEYS])),
+        ("incomplete", pa.bool_()), ("failure", pa.string()),
+        ("usage", pa.struct([(role, usage) for role in STAGE_ROLES])),
+    ])
+
+
+def stage_table(rows: list[dict]):
+    """``rows`` as a table of :func:`stage_schema`; a count key outside ``COUNT_KEYS`` is a
+    bug (Arrow would drop it silently), so it raises."""
+    import pyarrow as pa
+
+    for row in rows:
+        unknown = set(row["counts"]) - set(COUNT_KEYS)
+        if unknown:
+            raise KeyError(f"counts {sorted(unknown)} are not in COUNT_KEYS; add them there")
+    rows = [{**row, "counts": {k: row["counts"].get(k, 0) for k in COUNT_KEYS}}
+            for row in rows]
+    return pa.Table.from_pylist(rows, schema=stage_schema())
 
 
 def response_messages(instruction: str, input_text: str = "") -> list[dict[str, str]]:
@@ -155,11 +196,9 @@ class _ModelStage:
             client.defaults["temperature"] = cfg.dataset.expert_temperature
         self.expert = CachedRole(client, self.cache, model=cfg.models.expert.model, budget=budget)
 
-    def _usage(self, roles: dict[str, CachedRole], before: dict) -> str:
-        return json.dumps({
-            role: {k: v - before[role][k] for k, v in r.snapshot().items()}
-            for role, r in roles.items()
-        })
+    def _usage(self, roles: dict[str, CachedRole], before: dict) -> dict:
+        return {role: {k: v - before[role][k] for k, v in r.snapshot().items()}
+                for role, r in roles.items()}
 
 
 class EvolveStage(_ModelStage):
@@ -178,8 +217,6 @@ class EvolveStage(_ModelStage):
         self.text_encoder = TextEncoder(cfg.models.encoder)
 
     def __call__(self, batch):
-        import pyarrow as pa
-
         from rl_system.reviewer import Reviewer
         from rl_system.strategies import seed_rng
 
@@ -195,22 +232,20 @@ class EvolveStage(_ModelStage):
             episode = run_episode(seed, chooser=self.chooser, rounds=self.rounds,
                                   expert=self.expert, reviewer=reviewer,
                                   rng=seed_rng(self.cfg, seed.id))
-            out.append({**row, "candidates": json.dumps(episode.candidates),
-                        "counts": json.dumps(episode.counts), "incomplete": episode.incomplete,
-                        "failure": episode.failure, "usage": self._usage(roles, before)})
-        return pa.Table.from_pylist(out)
+            out.append({**row, "candidates": episode.candidates, "counts": episode.counts,
+                        "incomplete": episode.incomplete, "failure": episode.failure,
+                        "usage": self._usage(roles, before)})
+        return stage_table(out)
 
 
 class RespondStage(_ModelStage):
     def __call__(self, batch):
-        import pyarrow as pa
-
         from serve.client import LLMCallError
 
         out = []
         for row in batch.to_pylist():
             before = {"expert": self.expert.snapshot()}
-            candidates, counts = json.loads(row["candidates"]), Counter(json.loads(row["counts"]))
+            candidates, counts = row["candidates"], Counter(row["counts"])
             incomplete, failure = row["incomplete"], row["failure"]
             kept = []
             if candidates and not incomplete:
@@ -241,10 +276,9 @@ class RespondStage(_ModelStage):
                         continue
                     kept.append({**c, "response": response})
             # Usage from the evolve stage plus this one's expert calls.
-            usage = json.loads(row["usage"])
-            mine = json.loads(self._usage({"expert": self.expert}, before))["expert"]
+            usage = row["usage"]
+            mine = self._usage({"expert": self.expert}, before)["expert"]
             usage["expert"] = {k: usage["expert"][k] + mine[k] for k in mine}
-            out.append({**row, "candidates": json.dumps([] if incomplete else kept),
-                        "counts": json.dumps(counts), "incomplete": incomplete,
-                        "failure": failure, "usage": json.dumps(usage)})
-        return pa.Table.from_pylist(out)
+            out.append({**row, "candidates": [] if incomplete else kept, "counts": counts,
+                        "incomplete": incomplete, "failure": failure, "usage": usage})
+        return stage_table(out)

@@ -182,12 +182,12 @@ def _build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> dict:
     for row in rows_iter:
         results.append(row)
         tally.add(row)
-        seed_counts = json.loads(row["counts"])
+        seed_counts = row["counts"]
         counts.update(seed_counts)
-        for role, u in json.loads(row["usage"]).items():
+        for role, u in row["usage"].items():
             for k, v in u.items():
                 usage[role][k] += v
-        _record_metrics(metrics, strategy, seed_counts, json.loads(row["usage"]),
+        _record_metrics(metrics, strategy, seed_counts, row["usage"],
                         incomplete=row["incomplete"], judge=cfg.policy.reward.judge)
         if tally.too_many_failures and tally.done < tally.total:
             # The role is down or overloaded: the remaining seeds would fail the same way.
@@ -202,7 +202,7 @@ def _build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> dict:
     for r in results:
         if r["incomplete"]:
             continue
-        for c in json.loads(r["candidates"]):
+        for c in r["candidates"]:
             rows.append({
                 "id": pair_id(seed_id=r["seed_id"], strategy=strategy, actions=c["actions"],
                               step=c["evolution_step"]),

@@ -311,51 +311,86 @@ def test_the_stage_2_expert_samples_as_configured(tmp_path):
 
 
 def _respond(tmp_path, candidates, **expert_kwargs):
-    import pyarrow as pa
-
-    from rl_system.dataset import RespondStage
+    from rl_system.dataset.actors import RespondStage, stage_table
 
     stage = object.__new__(RespondStage)  # the actor's logic without Ray
     stage.cfg = load_config(None)
     _, stage.expert, _ = roles(tmp_path, **expert_kwargs)
+    zero = dict.fromkeys(("queries", "cached", "prompt_tokens", "completion_tokens",
+                          "failures"), 0)
     row = {"seed_index": 0, "seed_id": "s", "instruction": "Summarise the memo.",
-           "input": "Memo.", "candidates": json.dumps(candidates), "counts": "{}",
-           "incomplete": False, "failure": "", "usage": json.dumps(
-               {"expert": dict.fromkeys(("queries", "cached", "prompt_tokens",
-                                         "completion_tokens", "failures"), 0)})}
-    [out] = stage(pa.Table.from_pylist([row])).to_pylist()
+           "input": "Memo.", "candidates": candidates, "counts": {},
+           "incomplete": False, "failure": "", "usage": {"expert": zero, "reviewer": zero}}
+    [out] = stage(stage_table([row])).to_pylist()
+    out["counts"] = {k: n for k, n in out["counts"].items() if n}
     return out, stage.expert.client
 
 
 def _candidate(instruction, input_text=""):
     return {"evolution_step": 1, "actions": ["deepening"], "instruction": instruction,
-            "input": input_text, "review": {}, "expert_queries": 1, "expert_tokens": 5}
+            "input": input_text, "review": None, "expert_queries": 1, "expert_tokens": 5}
+
+
+def test_the_stage_actors_pass_structs_not_json_strings(tmp_path):
+    """evolve -> respond as Ray Data chains them, in one process: every column between the
+    stages is typed Arrow (list of structs, structs), none a JSON string to re-parse."""
+    import pyarrow as pa
+
+    from rl_system.dataset import EvolveStage, RespondStage
+
+    cfg = load_config(None)
+    _, expert, reviewer_role = roles(tmp_path)
+    evolve = object.__new__(EvolveStage)  # the actors' logic without Ray
+    evolve.cfg, evolve.expert, evolve.reviewer_role = cfg, expert, reviewer_role
+    evolve.text_encoder = None
+    evolve.chooser, evolve.rounds = STRATEGIES["wizardlm"].chooser(cfg, None), 3
+    respond = object.__new__(RespondStage)
+    respond.cfg, respond.expert = cfg, expert
+    seeds = pa.Table.from_pylist([{"seed_index": 0, "seed_id": "s1", "input": "",
+                                   "instruction": "Explain why the sky is blue."}])
+
+    evolved = evolve(seeds)
+    answered = respond(evolved)
+
+    review = row_schema().field("review").type
+    for table in (evolved, answered):
+        candidates = table.schema.field("candidates").type
+        assert pa.types.is_list(candidates) and pa.types.is_struct(candidates.value_type)
+        assert candidates.value_type.field("review").type == review
+        assert pa.types.is_struct(table.schema.field("counts").type)
+        assert pa.types.is_struct(table.schema.field("usage").type)
+    [row] = answered.to_pylist()
+    assert row["candidates"] and all(c["response"] for c in row["candidates"])
+    assert row["counts"]["evolutions_kept"] == len(row["candidates"])
+    assert row["counts"]["evolutions_tried"] == 3
+    paid = row["usage"]["expert"]["queries"] + row["usage"]["reviewer"]["queries"]
+    assert paid == expert.client.usage.queries + reviewer_role.client.usage.queries
 
 
 def test_respond_asks_with_the_input_and_applies_the_response_rules(tmp_path):
     out, expert = _respond(tmp_path, [_candidate("Summarise the memo.", "Memo: Friday.")])
-    kept = json.loads(out["candidates"])
+    kept = out["candidates"]
     assert expert.requests == ["Summarise the memo.\n\nMemo: Friday."]
     assert len(kept) == 1 and kept[0]["input"] == "Memo: Friday." and not out["incomplete"]
     out, _ = _respond(tmp_path / "r", [_candidate("Say sorry politely.")],
                       reply="I'm sorry, but I cannot help with that.")
-    assert json.loads(out["candidates"]) == []
-    assert json.loads(out["counts"]) == {"eliminated/refusal": 1}
+    assert out["candidates"] == []
+    assert out["counts"] == {"eliminated/refusal": 1}
     out, _ = _respond(tmp_path / "e", [_candidate("Say sorry politely.")], reply="...")
-    assert json.loads(out["counts"]) == {"eliminated/only_punctuation_or_stop_words": 1}
+    assert out["counts"] == {"eliminated/only_punctuation_or_stop_words": 1}
 
 
 def test_respond_marks_a_transient_answer_failure_incomplete(tmp_path):
     out, _ = _respond(tmp_path, [_candidate("Plan a picnic."), _candidate("Name a sky.")],
                       fail_on="sky")
     assert out["incomplete"] and out["failure"] == "expert: boom"
-    assert json.loads(out["candidates"]) == []
+    assert out["candidates"] == []
     out, _ = _respond(tmp_path / "b", [_candidate("Plan a picnic."),
                                        _candidate("Name a sky.")],
                       fail_on="sky", transient=False)
     assert not out["incomplete"] and out["failure"] == ""
-    assert len(json.loads(out["candidates"])) == 1
-    assert json.loads(out["counts"]) == {"responses_failed": 1}
+    assert len(out["candidates"]) == 1
+    assert out["counts"] == {"responses_failed": 1}
 
 
 def test_exports_take_the_input_from_the_row_and_agree_with_parquet(tmp_path):
@@ -403,3 +438,16 @@ def test_config_hash_counts_seed_columns_only_when_mapped():
     assert config_hash(cfg, None) == h
     cfg.dataset.seed_columns.instruction = "question"
     assert config_hash(cfg, None) != h
+
+
+def test_a_count_key_outside_the_catalogue_is_refused_not_dropped():
+    from rl_system.dataset.actors import stage_table
+
+    row = {"seed_index": 0, "seed_id": "s", "instruction": "x", "input": "", "candidates": [],
+           "counts": {"evolutions_kept": 1, "eliminated/new_rule": 1}, "incomplete": False,
+           "failure": "", "usage": None}
+    with pytest.raises(KeyError, match="eliminated/new_rule"):
+        stage_table([row])
+    row["counts"] = {"evolutions_kept": 1}
+    [out] = stage_table([row]).to_pylist()
+    assert out["counts"]["evolutions_kept"] == 1 and out["counts"]["evolutions_tried"] == 0
