@@ -97,3 +97,41 @@ def test_the_sft_examples_show_the_input(built):
     for r in rows:
         user_turn = task_text(r["instruction"], r["input"])
         assert sum(f"user\n{user_turn}<|im_end|>" in p for p in prompts) == 1, user_turn
+
+
+def test_the_build_loads_with_datasets_card_and_chat_in_the_hub_forms(built, tmp_path):
+    """A real build, read as Hugging Face users read it: ``datasets`` gives struct and list
+    features, the card's YAML ``dataset_info.features`` match the parquet, and chat.jsonl is
+    TRL's conversational form, ``{"messages": [{"role", "content"}, ...]}`` with roles
+    system/user/assistant (https://huggingface.co/docs/trl/dataset_formats)."""
+    datasets = pytest.importorskip("datasets")
+    import yaml
+
+    cfg, _ = built
+    out = cfg.stage_dir("dataset")
+    data_files = sorted(str(p) for p in (out / "data").glob("*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=data_files, split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert isinstance(ds.features["review"], dict)  # datasets' form of a struct
+    assert isinstance(ds.features["review"]["info_gain"], datasets.Value)
+    assert isinstance(ds.features["actions"], datasets.List | datasets.Sequence)
+    assert ds.num_rows == pq.read_metadata(data_files[0]).num_rows
+    assert isinstance(ds[0]["review"], dict) and isinstance(ds[0]["actions"], list)
+
+    text = (out / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    front = yaml.safe_load(text[4:].partition("\n---\n")[0])
+    assert front["dataset_info"]["features"] == ds.features._to_yaml_list()
+    assert front["dataset_info"]["splits"] == [{"name": "train", "num_examples": ds.num_rows}]
+
+    chat = datasets.load_dataset("json", data_files=str(out / "chat.jsonl"), split="train",
+                                 cache_dir=str(tmp_path / "hf"))
+    assert chat.column_names == ["messages"]
+    assert chat.num_rows == ds.num_rows
+    for example in chat:
+        turns = example["messages"]
+        assert all(set(t) == {"role", "content"} for t in turns)
+        assert all(isinstance(t["content"], str) and t["content"] for t in turns)
+        roles = [t["role"] for t in turns]
+        assert set(roles) <= {"system", "user", "assistant"}
+        assert roles[-1] == "assistant" and "user" in roles
