@@ -47,6 +47,9 @@ class LocalCluster:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": self.token,
             "RAY_metrics_report_interval_ms": "2000",  # series show up within seconds
+            # `ray start` gives a raylet this long to register with the GCS (default 30 s);
+            # on a loaded 2-core machine a node took longer and the whole module errored.
+            "RAY_raylet_start_wait_time_s": "120",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
