@@ -151,6 +151,19 @@ def task_not_found_message(missing: dict[str, list[str]]) -> str:
     )
 
 
+def task_manager(include_paths: list[str], tasks: list[str]):
+    """lm-eval's task index for ``tasks``: our include paths alone when they hold every
+    task (indexing lm-eval's own ~15,000 tasks took 60 s of a 2-core CPU, ours 0.2 s),
+    else the full index with them added."""
+    import lm_eval.tasks
+
+    if include_paths:
+        ours = lm_eval.tasks.TaskManager(include_path=include_paths, include_defaults=False)
+        if all(ours.match_tasks([t]) for t in tasks):
+            return ours
+    return lm_eval.tasks.TaskManager(include_path=include_paths or None)
+
+
 def lm_eval_command(
     model_dir: str | Path, cfg: EvalConfig, *, include_paths: list[str], out_path: Path
 ) -> list[str]:
@@ -264,9 +277,7 @@ def _child_main(argv: list[str] | None = None) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
 
     lm_eval = require_lm_eval()
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=args.include_path or None)
+    manager = task_manager(args.include_path, tasks)
     missing = {
         t: difflib.get_close_matches(t, manager.all_tasks, n=5, cutoff=0.6)
         for t in tasks
