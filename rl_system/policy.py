@@ -170,7 +170,7 @@ def algorithm_config(cfg: TeamsRLConfig, seeds: Sequence[Seed | str]):
     if p.rollin.mode == "mixture":
         from rl_system.rollin import mask_guide_steps_connector
 
-        config = config.training(learner_connector=mask_guide_steps_connector())
+        config = config.learners(learner_connector=mask_guide_steps_connector())
     return (
         config.environment(InstructionEvolutionEnv, env_config=env_config)
         .env_runners(

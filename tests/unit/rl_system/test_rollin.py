@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -194,3 +195,52 @@ def test_no_rollin_leaves_the_policy_fingerprint_as_before():
     assert _lineage_hash(base) == _lineage_hash(load_config(None, ["policy.rollin.beta=0.9"]))
     assert _lineage_hash(base) != _lineage_hash(load_config(None, [
         "policy.rollin.mode=restart", "policy.rollin.guide=wizardlm"]))
+
+
+class AlternatingGuideEnv(gym.Env):
+    """5-step episodes whose odd steps say they were the guide's (``info["guided"]``)."""
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Discrete(3)
+
+    def __init__(self, config=None):
+        self.t = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        obs = np.array([self.t / 5, 0.0], np.float32)
+        return obs, 1.0, self.t >= 5, False, {"guided": float(self.t % 2 == 1)}
+
+
+@pytest.mark.parametrize("algorithm", ["trpo", "ppo"])
+def test_the_learner_pipeline_clears_the_loss_mask_of_guide_steps(algorithm):
+    """The connector sits in TRPO's and PPO's real learner pipelines (no Ray cluster) and
+    leaves exactly the learner's steps in the loss mask the losses average over."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from ray.rllib.core.columns import Columns
+    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+    from rl_system.rollin import mask_guide_steps_connector
+    from rl_system.trpo import TRPOConfig
+
+    config = ((TRPOConfig() if algorithm == "trpo" else PPOConfig())
+              .environment(AlternatingGuideEnv).env_runners(num_env_runners=0)
+              .training(train_batch_size_per_learner=20)
+              .learners(learner_connector=mask_guide_steps_connector())
+              .rl_module(model_config={"fcnet_hiddens": [8]}))
+    env_runner = SingleAgentEnvRunner(config=config)
+    spaces = (env_runner.env.single_observation_space, env_runner.env.single_action_space)
+    learner = config.build_learner(spaces={DEFAULT_MODULE_ID: spaces})
+    episodes = env_runner.sample(num_episodes=3)
+    batch = learner._learner_connector(rl_module=learner.module, batch={}, episodes=episodes,
+                                       shared_data={}, metrics=learner.metrics)
+    mask = batch[DEFAULT_MODULE_ID][Columns.LOSS_MASK].tolist()
+    # Per episode: 5 steps (guide, learner, guide, learner, guide) + RLlib's bootstrap slot.
+    assert mask == [False, True, False, True, False, False] * 3
+    env_runner.stop()
