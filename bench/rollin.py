@@ -258,13 +258,25 @@ def main() -> None:
     parser.add_argument("--max-rollin-steps", type=int, default=2)
     parser.add_argument("--eval-episodes", type=int, default=16)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--from-curves", type=Path, default=None,
+                        help="summarise a curves.json of an earlier run instead of training")
     args = parser.parse_args()
     args.out = args.out or Path(tempfile.mkdtemp(prefix="bench-rollin-"))
     args.out.mkdir(parents=True, exist_ok=True)
 
     optimum = optimal_return(args)
-    curves = {mode: [train_arm(mode, seed, args) for seed in range(args.seeds)]
-              for mode in MODES}
+    if args.from_curves:
+        curves = json.loads(args.from_curves.read_text())
+    else:
+        curves = {mode: [] for mode in MODES}
+        # Seed by seed, each arm's curve written as soon as it is done: a cut-short run
+        # still leaves whole seeds to summarise (--from-curves).
+        for seed in range(args.seeds):
+            for mode in MODES:
+                curves[mode].append(train_arm(mode, seed, args))
+                (args.out / "curves.json").write_text(json.dumps(curves))
+    seeds_done = min(len(c) for c in curves.values())
+    curves = {mode: c[:seeds_done] for mode, c in curves.items()}
     rng = np.random.default_rng(0)
     figures = {}
     for mode, per_seed in curves.items():
@@ -278,14 +290,13 @@ def main() -> None:
         }
     plain = figures["learner"]["steps_to_90pct"]["mean"]
     guided = {m: figures[m]["steps_to_90pct"]["mean"] for m in ("restart", "mixture")}
-    (args.out / "curves.json").write_text(json.dumps(curves))
     plot(curves, optimum, args.budget, args.out / "rollin.png", rng)
     print(json.dumps({
         "bench": "rollin",
         "env": "scripted",
         "guide": args.guide,
         "budget_env_steps": args.budget,
-        "seeds": args.seeds,
+        "seeds": seeds_done,
         "optimal_return": round(optimum, 4),
         "figures": figures,
         # > 1: the guided arm reached 90% of the optimum in fewer env steps than plain TRPO.
