@@ -210,8 +210,11 @@ def _ci(values, rng) -> dict:
             "ci95": [round(float(q), 4) for q in np.quantile(boot, [0.025, 0.975])]}
 
 
-def steps_to(curve: list[dict], threshold: float) -> int | None:
-    return next((p["env_steps"] for p in curve if p["return"] >= threshold), None)
+def steps_to(curve: list[dict], threshold: float, budget: int) -> int | None:
+    """Env steps at the first evaluation at or above ``threshold`` within the budget (the
+    last update may overshoot it: a restart's hidden steps come in whole episodes)."""
+    return next((p["env_steps"] for p in curve
+                 if p["return"] >= threshold and p["env_steps"] <= budget), None)
 
 
 def _on_grid(curve: list[dict], grid: np.ndarray, key: str) -> np.ndarray:
@@ -280,7 +283,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     figures = {}
     for mode, per_seed in curves.items():
-        reached = [steps_to(c, TARGET * optimum) for c in per_seed]
+        reached = [steps_to(c, TARGET * optimum, args.budget) for c in per_seed]
         figures[mode] = {
             "steps_to_90pct": {**_ci([args.budget if s is None else s for s in reached], rng),
                                "per_seed": reached},
