@@ -76,6 +76,72 @@ class RewardConfig(ConfigSection):
     )
 
 
+ROLLIN_MODES = ("learner", "restart", "mixture")
+ROLLIN_GUIDES = ("llm", "wizardlm", "schedule", "checkpoint")
+
+
+class RollinConfig(ConfigSection):
+    """Guided roll-in (RLGF, Chang et al. 2023; ``rl_system.rollin``): how an episode's first
+    steps are chosen before the learner's roll-out takes over.
+
+    ``learner`` (default): every step is the learner's, as plain TRPO / PPO. ``restart``
+    (PPO++): the episode begins where the guide is after ``U{0..max_rollin_steps}`` of its
+    own steps, which are not part of the learner's trajectory. ``mixture`` (D2LOLS-style):
+    each of the first ``U{0..max_rollin_steps}`` steps takes the guide's action with
+    probability ``beta``; the policy-gradient terms count the learner's steps only.
+    """
+
+    mode: Literal["learner", "restart", "mixture"] = Field(
+        "learner", description="learner | restart | mixture (see the class docstring)."
+    )
+    guide: Literal["llm", "wizardlm", "schedule", "checkpoint"] = Field(
+        "wizardlm",
+        description="Who rolls in (rl_system.rollin.GUIDES): llm = the instructor asked which "
+        "operation enriches the instruction most; wizardlm = Evol-Instruct's uniform "
+        "depth/breadth choice; schedule = the fixed action list `schedule`; checkpoint = an "
+        "earlier stage-1 policy at `checkpoint`.",
+    )
+    beta: float = Field(
+        0.5, ge=0, le=1, description="mixture: chance that a roll-in step is the guide's."
+    )
+    max_rollin_steps: int = Field(
+        2, ge=0, le=63,
+        description="Longest roll-in, in env steps; each episode draws its own length "
+        "uniformly from 0..max_rollin_steps. Must be below policy.max_steps.",
+    )
+    schedule: list[str] = Field(
+        default_factory=list,
+        description="schedule guide: action names taken in turn (repeats from the start).",
+    )
+    checkpoint: str | None = Field(
+        None, description="checkpoint guide: a runs/<name>/policy/checkpoints/iter_NNNN dir."
+    )
+
+    @model_validator(mode="after")
+    def _guide_inputs(self) -> RollinConfig:
+        from rl_system.actions import ACTION_NAMES
+
+        unknown = [name for name in self.schedule if name not in ACTION_NAMES]
+        if unknown:
+            raise ValueError(
+                f"policy.rollin.schedule: unknown action(s) {unknown}; known: "
+                f"{', '.join(ACTION_NAMES)}"
+            )
+        if self.mode == "learner":
+            return self
+        if self.guide == "schedule" and not self.schedule:
+            raise ValueError(
+                "policy.rollin.schedule: the schedule guide needs a non-empty list of action "
+                "names, e.g. [add_constraints, deepening]"
+            )
+        if self.guide == "checkpoint" and not self.checkpoint:
+            raise ValueError(
+                "policy.rollin.checkpoint: the checkpoint guide needs the path of an earlier "
+                "policy checkpoint (runs/<name>/policy/checkpoints/iter_NNNN)"
+            )
+        return self
+
+
 class PolicyConfig(ConfigSection):
     algorithm: Literal["trpo", "ppo"] = "trpo"
     num_env_runners: int = Field(2, ge=0)
@@ -93,6 +159,9 @@ class PolicyConfig(ConfigSection):
     damping: float = Field(0.1, ge=0)
     cg_iters: int = Field(10, ge=1)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    rollin: RollinConfig = Field(
+        default_factory=RollinConfig, description="Guided roll-in (RLGF); default: none."
+    )
     max_action_share: float = Field(
         0.6, gt=0, le=1,
         description="Entropy floor: warn (log, metrics.jsonl, the teams_rl_policy_dominant_"
@@ -100,6 +169,15 @@ class PolicyConfig(ConfigSection):
         "iteration's steps. Uniform over the 7 actions is 0.14.",
     )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _rollin_fits_episode(self) -> PolicyConfig:
+        if self.rollin.mode != "learner" and self.rollin.max_rollin_steps >= self.max_steps:
+            raise ValueError(
+                f"policy.rollin.max_rollin_steps ({self.rollin.max_rollin_steps}) must be below "
+                f"policy.max_steps ({self.max_steps}), or the learner may never act"
+            )
+        return self
 
 
 class SeedColumns(ConfigSection):

@@ -14,6 +14,12 @@ A model call that fails does not crash the run. Rejected as it stands (a non-tra
 step's info (``failed``). Failed transiently (overload, timeout, a dead replica, the
 network): the episode ends *truncated* with reward 0 and ``infra_failure`` in the info,
 so an outage never teaches the policy anything.
+
+Guided roll-in (``policy.rollin``, ``rl_system.rollin``): in ``restart`` mode, ``reset`` takes
+the guide's first steps itself and the episode the learner sees starts where they left
+off; in ``mixture`` mode a roll-in step may run the guide's action instead of the
+learner's (``info["guided"]``). The guide's queries and a restart's hidden steps are
+reported in the step infos (``ROLLIN_INFO_KEYS``): they are stage 1's cost too.
 """
 
 from __future__ import annotations
@@ -28,12 +34,20 @@ from rl_system.config import TeamsRLConfig
 from rl_system.encoders import TextEncoder, build_encoder
 from rl_system.metrics import record_review
 from rl_system.reviewer import REVIEW_SCORES
+from rl_system.rollin import (
+    ROLLIN_INFO_KEYS,
+    GuideContext,
+    build_guide,
+    guide_queries,
+    sample_rollin_steps,
+)
 from rl_system.tasks import Task
 
 logger = logging.getLogger(__name__)
 
 # Keys of every step's info dict, numeric so RLlib can aggregate them.
-INFO_KEYS = ("queried", "failed", "infra_failure", "eliminated", *REVIEW_SCORES)
+INFO_KEYS = ("queried", "failed", "infra_failure", "eliminated", *REVIEW_SCORES,
+             *ROLLIN_INFO_KEYS)
 
 
 def env_seeds(config) -> list[Task]:
@@ -76,6 +90,11 @@ class InstructionEvolutionEnv(gym.Env):
         self._rng = np.random.default_rng(cfg.policy.seed + copy_index)
         self._instructor = None
         self._reviewer = None
+        self.rollin = cfg.policy.rollin
+        self._guide = None
+        self._guide_cache_dir = config.get("rollin_cache_dir")
+        self._rollin_left = 0  # mixture: roll-in steps still to come in this episode
+        self._pending: dict[str, float] = {}  # roll-in costs reported on the next step
         self.task = Task("")
         self.history: list[Task] = []
         self.step_count = 0
@@ -102,6 +121,21 @@ class InstructionEvolutionEnv(gym.Env):
             )
         return self._instructor, self._reviewer
 
+    def guide(self):
+        """The roll-in guide, built on first use (the llm guide asks the instructor)."""
+        if self._guide is None:
+            self._guide = build_guide(self.cfg, GuideContext(
+                instructor=lambda: self._clients()[0], cache_dir=self._guide_cache_dir))
+        return self._guide
+
+    def _guide_action(self) -> tuple[int, float]:
+        """The guide's next action and the model queries choosing it cost."""
+        guide = self.guide()
+        before = guide_queries(guide)
+        index = guide.choose(instruction=self.task.instruction, last_action=self.last_action,
+                             step=self.step_count, rng=self._rng)
+        return int(index), float(guide_queries(guide) - before)
+
     def _obs(self) -> np.ndarray:
         return self.encoder.encode(
             instruction=self.task.instruction, last_action=self.last_action, step=self.step_count
@@ -121,10 +155,47 @@ class InstructionEvolutionEnv(gym.Env):
         self.history = [self.task]
         self.step_count = 0
         self.last_action = None
+        self._pending = {}
+        rollin_steps = sample_rollin_steps(self.rollin, self._rng)
+        self._rollin_left = rollin_steps if self.rollin.mode == "mixture" else 0
+        if self.rollin.mode == "restart":
+            self.restart(rollin_steps)
         return self._obs(), {}
 
+    def restart(self, num_steps: int) -> None:
+        """PPO++'s restart: take up to ``num_steps`` of the guide's steps from the current
+        state. The roll-in ends early at the guide's ``stop``, a failed call or the episode's
+        end; the learner always keeps at least one step. Their queries (and the guide's) go
+        into the next step's info."""
+        taken = cost = asked = 0.0
+        for _ in range(min(num_steps, self.max_steps - 1)):
+            index, queries = self._guide_action()
+            asked += queries
+            if not ACTIONS[index].queries_model:
+                break
+            _, terminated, truncated, info = self._advance(index)
+            taken += 1
+            cost += info["query_cost"]
+            if terminated or truncated or info["failed"]:
+                break
+        self._pending = {"rollin_steps": taken, "rollin_query_cost": cost,
+                         "guide_queries": asked}
+
     def step(self, action):
-        index = self._decode(action)
+        index, guided, asked = self._decode(action), 0.0, 0.0
+        if self._rollin_left > 0:
+            self._rollin_left -= 1
+            if self._rng.random() < self.rollin.beta:
+                (index, asked), guided = self._guide_action(), 1.0
+        reward, terminated, truncated, info = self._advance(index)
+        info.update(self._pending)
+        self._pending = {}
+        info["guided"] = guided
+        info["guide_queries"] = info["guide_queries"] + asked
+        return self._obs(), float(reward), terminated, truncated, info
+
+    def _advance(self, index: int) -> tuple[float, bool, bool, dict]:
+        """Apply action ``index`` to the state: (reward, terminated, truncated, info)."""
         chosen = ACTIONS[index]
         self.step_count += 1
         self.last_action = index
@@ -136,7 +207,7 @@ class InstructionEvolutionEnv(gym.Env):
         else:
             reward, truncated = self._evolve(chosen, info)
         terminated = terminated or (not truncated and self.step_count >= self.max_steps)
-        return self._obs(), float(reward), terminated, truncated, info
+        return float(reward), terminated, truncated, info
 
     def _evolve(self, chosen, info: dict) -> tuple[float, bool]:
         """One evolution; returns (reward, truncated)."""

@@ -69,6 +69,9 @@ def _lineage_hash(cfg: TeamsRLConfig) -> str:
                      for k in ROLE_LINEAGE_KEYS}
               for role in ("instructor", "reviewer", "expert")}
     policy = {k: v for k, v in data["policy"].items() if k not in POLICY_OPERATIONAL_KEYS}
+    # No roll-in (the default) keeps the fingerprints of runs made before it existed.
+    if policy["rollin"]["mode"] == "learner":
+        del policy["rollin"]
     return fingerprint({"models": models, "encoder": data["models"]["encoder"],
                         "policy": policy})
 
@@ -112,7 +115,14 @@ def evolution_metrics_callback():
             evolved = [i for i in infos if i["queried"]]
             log = metrics_logger.log_value
             log("evolution/steps", len(infos), reduce="mean")
-            log("evolution/queries", sum(i["query_cost"] for i in infos), reduce="mean")
+            # Stage 1's cost includes a guided roll-in's: its hidden restart steps and the
+            # guide's own queries (rl_system.rollin).
+            guide = sum(i.get("guide_queries", 0.0) for i in infos)
+            log("evolution/queries", guide + sum(
+                i["query_cost"] + i.get("rollin_query_cost", 0.0) for i in infos), reduce="mean")
+            log("evolution/guide_queries", guide, reduce="mean")
+            log("evolution/guided_steps", sum(i.get("guided", 0.0) for i in infos),
+                reduce="mean")
             log("evolution/failed", sum(i["failed"] for i in infos), reduce="mean")
             for name_index, name in enumerate(ACTION_NAMES):
                 share = sum(1 for i in infos if i["action"] == name_index) / len(infos)
@@ -154,7 +164,13 @@ def algorithm_config(cfg: TeamsRLConfig, seeds: Sequence[Seed | str]):
     env_config = {
         "run_config": cfg.to_portable_dict(),
         "seeds": [{"instruction": t.instruction, "input": t.input} for t in map(Task.of, seeds)],
+        # Resolved here: env runners may run in another working directory.
+        "rollin_cache_dir": str(cfg.stage_dir("policy").resolve() / "cache" / "rollin"),
     }
+    if p.rollin.mode == "mixture":
+        from rl_system.rollin import mask_guide_steps_connector
+
+        config = config.learners(learner_connector=mask_guide_steps_connector())
     return (
         config.environment(InstructionEvolutionEnv, env_config=env_config)
         .env_runners(
