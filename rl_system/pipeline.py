@@ -89,8 +89,12 @@ def _run_eval(cfg: TeamsRLConfig, log: Log):
     return evaluate_and_report(cfg, log=log)
 
 
+def _records(path: Path) -> list[dict]:
+    return read_jsonl(path) if path.exists() else []  # a stage that never ran
+
+
 def _policy_figures(stage_dir: Path) -> dict:
-    manifest, rows = read_manifest(stage_dir) or {}, read_jsonl(stage_dir / "metrics.jsonl")
+    manifest, rows = read_manifest(stage_dir) or {}, _records(stage_dir / "metrics.jsonl")
     last = rows[-1] if rows else {}
     return {"iterations": manifest.get("iterations_done"),
             "return": last.get("episode_return_mean"), "info_gain": last.get("info_gain"),
@@ -107,7 +111,7 @@ def _dataset_figures(stage_dir: Path) -> dict:
 
 
 def _sft_figures(stage_dir: Path) -> dict:
-    rows = read_jsonl(stage_dir / "metrics.jsonl")
+    rows = _records(stage_dir / "metrics.jsonl")
     steps = [r for r in rows if r.get("event") == "step"]
     evals = [r for r in rows if r.get("event") == "eval"]
     return {"steps": steps[-1]["step"] if steps else None,
