@@ -28,7 +28,12 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # RLlib's own RLModule.__init__ (Ray 2.5x-2.60) builds the deprecated RLModuleConfig for old
 # custom modules, so every module it builds logs this once per process, whichever
 # constructor form the caller used: it names no call of ours to change.
-KNOWN_NOISE = ("`RLModule(config=[RLModuleConfig object])` has been deprecated",)
+# Ray Data's note that its progress bars are off: we turned them off (-v turns them on).
+KNOWN_NOISE = ("`RLModule(config=[RLModuleConfig object])` has been deprecated",
+               "Progress bars disabled. To enable")
+# The driver-side loggers with console handlers of their own (``ray.data`` configures its
+# logging when imported; ``ray.serve``'s is re-routed below).
+CONSOLE_LOGGERS = ("ray", "ray.data")
 
 
 class DropKnownNoise(logging.Filter):
@@ -50,19 +55,27 @@ def quiet_console(*, verbose: bool) -> None:
     Call after ``ray.init`` (``import ray`` installs Ray's handler); idempotent. Serve's
     driver logger, which keeps a console handler of its own and does not propagate, is
     routed through Ray's (so the run's ``driver.log`` gets its records too)."""
-    from ray import serve  # noqa: F401 - the import installs Serve's driver logger
+    import ray.data  # noqa: F401 - the imports install Ray Data's and Serve's driver loggers
+    from ray import serve  # noqa: F401
 
     serve_logger = logging.getLogger("ray.serve")
-    for handler in list(serve_logger.handlers):
-        if not isinstance(handler, logging.FileHandler):
-            serve_logger.removeHandler(handler)
+    for handler in _console_handlers(serve_logger):
+        serve_logger.removeHandler(handler)
     serve_logger.propagate = True
-    for handler in logging.getLogger("ray").handlers:
-        if isinstance(handler, logging.FileHandler):
-            continue
-        handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
-        if not verbose and not any(isinstance(f, DropKnownNoise) for f in handler.filters):
-            handler.addFilter(DropKnownNoise())
+    for name in CONSOLE_LOGGERS:
+        for handler in _console_handlers(logging.getLogger(name)):
+            handler.setLevel(logging.DEBUG if verbose else logging.WARNING)
+            noise = [f for f in handler.filters if isinstance(f, DropKnownNoise)]
+            if verbose:
+                for f in noise:
+                    handler.removeFilter(f)
+            elif not noise:
+                handler.addFilter(DropKnownNoise())
+
+
+def _console_handlers(logger: logging.Logger) -> list[logging.Handler]:
+    return [h for h in logger.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
 
 
 def quiet_model_loading(*, verbose: bool) -> None:

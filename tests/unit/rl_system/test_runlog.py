@@ -23,10 +23,13 @@ class _Records(logging.Handler):
 def ray_console():
     """What Ray's driver console handler prints (a buffer in place of its stream); its
     level, filters and stream, and Serve's logger, restored afterwards."""
-    import ray  # noqa: F401 - installs Ray's console handler
+    import ray.data  # noqa: F401 - installs Ray's and Ray Data's console handlers
 
-    handlers = [h for h in logging.getLogger("ray").handlers
-                if not isinstance(h, logging.FileHandler)]
+    from rl_system.runlog import CONSOLE_LOGGERS
+
+    handlers = {h: None for name in CONSOLE_LOGGERS for h in logging.getLogger(name).handlers
+                if isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)}  # one handler may serve two
     buffer = io.StringIO()
     saved = [(h, h.level, list(h.filters), h.setStream(buffer)) for h in handlers]
     serve_logger = logging.getLogger("ray.serve")
@@ -65,13 +68,17 @@ def test_rllibs_own_rlmodule_deprecation_reaches_the_file_not_the_console(ray_co
     assert "RLModuleConfig" not in ray_console.getvalue()
 
 
-def test_serve_info_is_off_the_console_unless_verbose(ray_console):
+def test_ray_info_is_off_the_console_unless_verbose(ray_console):
     from rl_system.runlog import quiet_console
 
     quiet_console(verbose=False)
     logging.getLogger("ray.serve").info("Started Serve in namespace serve")
     logging.getLogger("ray.serve").warning("a replica died")
+    logging.getLogger("ray.data").info("Execution plan of Dataset x")
+    logging.getLogger("ray.data").warning("Progress bars disabled. To enable, set ...")
     assert "Started Serve" not in ray_console.getvalue()
+    assert "Execution plan" not in ray_console.getvalue()
+    assert "Progress bars disabled" not in ray_console.getvalue()
     assert "a replica died" in ray_console.getvalue()
     quiet_console(verbose=True)
     logging.getLogger("ray.serve").info("Started Serve in namespace serve")
