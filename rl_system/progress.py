@@ -1,6 +1,7 @@
 """Progress a person reads: one reporter every stage uses, and the end-of-run table.
 
-On a terminal :class:`Progress` keeps one live line (rewritten with ``\\r``); when stdout
+On a terminal :class:`Progress` keeps one live line (rewritten with ``\\r``) and prints the
+lines worth keeping (a finished policy iteration, the last unit) above it; when stdout
 is a file or a pipe (``make demo > demo.log``, CI, ``ray job submit``) it prints plain lines
 instead: one per completed unit where the stage asks for it (``force=True``: a policy
 iteration), otherwise at most one every ``interval_s``, and a heartbeat with the elapsed time
@@ -87,16 +88,22 @@ class Progress:
     # -- what a stage calls
 
     def update(self, done: int | None = None, *, force: bool = False, **figures: Any) -> None:
-        """New figures (and units done). Off a terminal the line is printed when ``force``
-        (a completed unit worth its own line), when the last unit is done, or when
-        ``interval_s`` passed since the last line."""
+        """New figures (and units done). A line is printed (to ``log``) when ``force`` (a
+        completed unit worth its own line) or when the last unit is done; otherwise, on a
+        terminal the live line is redrawn, off one a line is printed when ``interval_s``
+        passed since the last."""
         with self._lock:
             if done is not None:
                 self.done = done
             self.figures.update(figures)
             now = self.clock()
             final = self.total is not None and self.done >= self.total
-            if self.tty or force or final or now - self.last_line >= self.interval_s:
+            if self.tty and (force or final):
+                # A line to keep (and for the run's log file): printed, not drawn over.
+                self._clear_live()
+                self.last_line = now
+                self.log(self.line(now))
+            elif self.tty or force or final or now - self.last_line >= self.interval_s:
                 self._emit(now)
 
     def count_rate_from(self, done: int) -> None:

@@ -84,14 +84,20 @@ def test_on_a_terminal_one_line_is_rewritten_in_place():
     for i in range(1, 4):
         clock.t += 1
         progress.update(i, loss=2.5 - i / 10)
-    progress.note("sft: checkpoint written")
-    progress.close()
-    out = stream.getvalue()
-    assert logged == ["sft: checkpoint written"]  # only the note went to the log
-    assert out.count("\n") == 1 and out.endswith("\n")  # the live line ends once, at close
-    assert out.count("\r") >= 4
-    frames = [f for f in out.rstrip("\n").split("\r") if f.strip()]
+    frames = [f for f in stream.getvalue().split("\r") if f.strip()]
+    assert [f.split(" · ")[0] for f in frames] == ["sft: step 1/10", "sft: step 2/10",
+                                                  "sft: step 3/10"]
     assert frames[-1].startswith("sft: step 3/10 · loss 2.200")
+    assert "\n" not in stream.getvalue()  # one line, drawn over
+    progress.note("sft: checkpoint written")
+    clock.t += 1
+    progress.update(4, force=True)  # a line to keep goes to the log, above the live line
+    clock.t += 1
+    progress.update(5)
+    progress.close()
+    assert logged == ["sft: checkpoint written", "sft: step 4/10 · loss 2.200 · ETA 6 s · 4 s"]
+    assert stream.getvalue().endswith("\n")  # the live line ends once, at close
+    assert stream.getvalue().count("\n") == 1
 
 
 def test_eta_counts_the_rate_of_this_run_only():
