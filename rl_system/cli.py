@@ -130,11 +130,11 @@ def _init_ray(address: str | None) -> None:
     import ray
     from ray.exceptions import AuthenticationError
 
+    from rl_system.runlog import quiet_console
+
     # Under `ray job submit` the driver gets RAY_ADDRESS; it must join that cluster, and
     # Ray refuses resource arguments when joining one.
     address = address or os.environ.get("RAY_ADDRESS") or None  # "" means: start locally
-    from rl_system.runlog import quiet_console
-
     probed = bool(address) and _check_reachable(address)
     num_cpus = None if address else max(os.cpu_count() or 1, LOCAL_MIN_LOGICAL_CPUS)
     verbose = _verbose()
