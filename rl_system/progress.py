@@ -27,7 +27,7 @@ from typing import Any, TextIO
 Log = Callable[[str], None]
 
 INTERVAL_S = 15.0  # non-TTY: at most one throttled line this often
-HEARTBEAT_S = 30.0  # non-TTY: a line at least this often while a stage runs
+HEARTBEAT_S = 25.0  # non-TTY: a line at least this often while a stage runs (under 30 s)
 SEP = " · "
 
 
@@ -140,8 +140,7 @@ class Progress:
                 self._live_width = 0
 
     def __enter__(self) -> Progress:
-        tick_s = 1.0 if self.tty else min(5.0, self.heartbeat_s / 3)
-        self._thread = threading.Thread(target=self._beat, args=(tick_s,), daemon=True,
+        self._thread = threading.Thread(target=self._beat, daemon=True,
                                         name=f"progress-{self.stage}")
         self._thread.start()
         return self
@@ -182,8 +181,11 @@ class Progress:
             self.stream.flush()
             self._live_width = 0
 
-    def _beat(self, tick_s: float) -> None:
-        while not self._stop.wait(tick_s):
+    def _beat(self) -> None:
+        # Off a terminal, wake when the heartbeat falls due (not on a fixed tick, which
+        # would stretch the gap between lines by up to a tick).
+        while not self._stop.wait(1.0 if self.tty else max(
+                0.05, self.last_line + self.heartbeat_s - self.clock())):
             self.tick()
 
 

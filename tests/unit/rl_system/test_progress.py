@@ -147,3 +147,14 @@ def test_summary_table_has_one_row_per_stage():
     assert lines[1].split() == ["policy", "61", "ran", "iterations", "2", "·", "return",
                                 "0.412"]
     assert lines[2].split()[:3] == ["dataset", "-", "reused"]
+
+
+def test_heartbeat_thread_prints_on_time_with_a_real_clock():
+    import time
+
+    lines: list[str] = []
+    with Progress("policy", total=2, unit="iteration", log=lines.append, tty=False,
+                  heartbeat_s=0.2):
+        time.sleep(1.0)  # one long unit, nothing reported
+    assert 1 <= len(lines) <= 6  # about one per heartbeat, never a stream of them
+    assert lines[0].startswith("policy: iteration 0/2 · ")
