@@ -138,6 +138,7 @@ def _init_ray(address: str | None) -> None:
     probed = bool(address) and _check_reachable(address)
     num_cpus = None if address else max(os.cpu_count() or 1, LOCAL_MIN_LOGICAL_CPUS)
     verbose = _verbose()
+    quiet_console(verbose=verbose)  # ray.init's own INFO lines too
     try:
         # Workers' output (model loads, RLlib, Serve replicas) stays in the session logs
         # (copied to the run directory) unless -v.
@@ -152,7 +153,7 @@ def _init_ray(address: str | None) -> None:
             f"cannot join the Ray cluster at {address}: {exc}{hint}"
         ) from None
     _quiet_ray_data(verbose)
-    quiet_console(verbose=verbose)
+    quiet_console(verbose=verbose)  # again: in case init reconfigured Ray's logging
     ctx = click.get_current_context(silent=True)
     if ctx is not None and not address:
         ctx.meta[_RAY_LOGS_KEY] = ray._private.worker._global_node.get_logs_dir_path()
