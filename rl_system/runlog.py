@@ -29,7 +29,7 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # custom modules, so every module it builds logs this once per process, whichever
 # constructor form the caller used: it names no call of ours to change.
 # Ray Data's note that its progress bars are off: we turned them off (-v turns them on).
-# Ray Tune's advice to install gputil: Ray Train imports it on any machine, GPU or not.
+# Ray Tune's advice to install gputil, on any machine (RLlib's Algorithm is a Tune Trainable).
 KNOWN_NOISE = ("`RLModule(config=[RLModuleConfig object])` has been deprecated",
                "Progress bars disabled. To enable",
                "Install gputil for GPU system monitoring")
