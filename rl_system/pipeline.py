@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rl_system.config import TeamsRLConfig, save_resolved
-from rl_system.progress import summary_table
+from rl_system.progress import Progress, summary_table
 from rl_system.rundir import read_json, read_jsonl, read_manifest, run_lock, write_json
 
 logger = logging.getLogger(__name__)
@@ -188,7 +188,9 @@ def _run_pipeline(cfg: TeamsRLConfig, run_dir: Path, *, log: Log) -> dict:
 
         log("pipeline: reusing the running model roles" if is_deployed(cfg)
             else "pipeline: deploying the model roles ...")
-        ensure_deployed(cfg, holder=holder)
+        # Loading the models takes a minute or more on a laptop: the heartbeat says so.
+        with Progress("pipeline", total=None, unit="deploying the model roles", log=log):
+            ensure_deployed(cfg, holder=holder)
         leased = True
     from rl_system.metrics import maybe_pipeline_metrics
 

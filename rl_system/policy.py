@@ -341,29 +341,36 @@ def _train_policy(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> list[Ite
         return []
 
     check_env_runner_cpus(cfg)
-    algo = algorithm_config(cfg, seeds).build_algo()
-    try:
-        if state["checkpoint"]:
-            restored = restore_newest_loadable(
-                algo, checkpoint_candidates(policy_dir, state["checkpoint"]), log=log)
-            done = _iteration_of(restored) if restored else 0
-            if restored is None:
-                log("policy: WARNING no checkpoint loads; starting from scratch")
-            else:
-                log(f"policy: resumed from {restored}")
-            state = {**state, "iterations_done": done,
-                     "checkpoint": str(restored) if restored else None}
-        gauges = vars(policy_metrics())
-        summaries = []
-        with Progress("policy", total=cfg.policy.iterations, unit="iteration", log=log,
-                      start_done=state["iterations_done"]) as progress:
-            for iteration in range(state["iterations_done"] + 1, cfg.policy.iterations + 1):
-                summaries.append(_one_iteration(cfg, algo, iteration, policy_dir=policy_dir,
-                                                lineage=lineage, gauges=gauges,
-                                                progress=progress))
-        return summaries
-    finally:
-        algo.stop()
+    # The heartbeat covers the build too: env runners and their model clients take a
+    # minute to start on a laptop.
+    with Progress("policy", total=cfg.policy.iterations, unit="iteration", log=log,
+                  start_done=state["iterations_done"]) as progress:
+        algo = algorithm_config(cfg, seeds).build_algo()
+        try:
+            state = _restore(algo, state, policy_dir, log=progress.note)
+            # The ETA counts iterations from here: building is no iteration's cost.
+            progress.count_rate_from(state["iterations_done"])
+            gauges = vars(policy_metrics())
+            return [_one_iteration(cfg, algo, iteration, policy_dir=policy_dir,
+                                   lineage=lineage, gauges=gauges, progress=progress)
+                    for iteration in range(state["iterations_done"] + 1,
+                                           cfg.policy.iterations + 1)]
+        finally:
+            algo.stop()
+
+
+def _restore(algo, state: dict, policy_dir: Path, *, log: Callable[[str], None]) -> dict:
+    """``state`` after restoring ``algo`` from its newest loadable checkpoint, if any."""
+    if not state["checkpoint"]:
+        return state
+    restored = restore_newest_loadable(
+        algo, checkpoint_candidates(policy_dir, state["checkpoint"]), log=log)
+    if restored is None:
+        log("policy: WARNING no checkpoint loads; starting from scratch")
+    else:
+        log(f"policy: resumed from {restored}")
+    return {**state, "iterations_done": _iteration_of(restored) if restored else 0,
+            "checkpoint": str(restored) if restored else None}
 
 
 def _one_iteration(cfg: TeamsRLConfig, algo, iteration: int, *, policy_dir: Path,

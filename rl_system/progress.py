@@ -153,8 +153,10 @@ class Progress:
     def line(self, now: float | None = None) -> str:
         now = self.clock() if now is None else now
         elapsed = now - self.started
-        count = f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"
-        parts = [f"{self.stage}: {self.unit} {count}"]
+        if self.total is not None:
+            parts = [f"{self.stage}: {self.unit} {self.done}/{self.total}"]
+        else:  # a step without units (deploying): its name and the time only
+            parts = [f"{self.stage}: {self.unit}" + (f" {self.done}" if self.done else "")]
         parts += [f"{k} {_fmt(v)}" for k, v in self.figures.items()]
         rate_s = now - (self.started if self.rate_started is None else self.rate_started)
         left = eta_s(done=self.done, total=self.total, elapsed_s=rate_s,

@@ -158,3 +158,13 @@ def test_heartbeat_thread_prints_on_time_with_a_real_clock():
         time.sleep(1.0)  # one long unit, nothing reported
     assert 1 <= len(lines) <= 6  # about one per heartbeat, never a stream of them
     assert lines[0].startswith("policy: iteration 0/2 · ")
+
+
+def test_a_step_without_units_shows_its_name_and_time():
+    clock = Clock()
+    lines: list[str] = []
+    progress = Progress("pipeline", total=None, unit="deploying the model roles",
+                        log=lines.append, clock=clock, tty=False)
+    clock.t += 25
+    progress.tick()
+    assert lines == ["pipeline: deploying the model roles · 25 s"]
