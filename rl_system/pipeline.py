@@ -104,7 +104,7 @@ def _policy_figures(stage_dir: Path) -> dict:
 def _dataset_figures(stage_dir: Path) -> dict:
     manifest = read_manifest(stage_dir) or {}
     summary = manifest.get("summary") or {}
-    return {"pairs kept": summary.get("pairs_written"),
+    return {"pairs written": summary.get("pairs_written"),
             "expert queries": manifest.get("expert_queries"),
             "eliminations": sum((summary.get("eliminated") or {}).values()),
             "seeds unfinished": summary.get("seeds_incomplete")}

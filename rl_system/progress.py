@@ -27,7 +27,7 @@ from typing import Any, TextIO
 Log = Callable[[str], None]
 
 INTERVAL_S = 15.0  # non-TTY: at most one throttled line this often
-HEARTBEAT_S = 25.0  # non-TTY: a line at least this often while a stage runs (under 30 s)
+HEARTBEAT_S = 28.0  # non-TTY: a line at least this often while a stage runs (under 30 s)
 SEP = " · "
 
 

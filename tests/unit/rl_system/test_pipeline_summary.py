@@ -30,7 +30,7 @@ def test_summary_has_each_stages_figures(tmp_path):
     assert rows["policy"].split()[1:3] == ["61", "ran"]
     assert "iterations 2 · return 0.500 · info_gain 0.250 · eliminated 0.100" in rows["policy"]
     assert rows["dataset"].split()[1:3] == ["-", "reused"]
-    assert "pairs kept 9 · expert queries 31 · eliminations 4" in rows["dataset"]
+    assert "pairs written 9 · expert queries 31 · eliminations 4" in rows["dataset"]
     assert "steps 10 · final loss 2.250 · eval loss 2.500" in rows["sft"]
     assert "teams_rl_mc acc 0.375 · MIA loss AUC 0.500" in rows["eval"]
 

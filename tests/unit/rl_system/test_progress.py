@@ -164,7 +164,7 @@ def test_a_step_without_units_shows_its_name_and_time():
     clock = Clock()
     lines: list[str] = []
     progress = Progress("pipeline", total=None, unit="deploying the model roles",
-                        log=lines.append, clock=clock, tty=False)
+                        log=lines.append, clock=clock, tty=False, heartbeat_s=25)
     clock.t += 25
     progress.tick()
     assert lines == ["pipeline: deploying the model roles · 25 s"]
