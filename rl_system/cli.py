@@ -70,14 +70,27 @@ class ClusterUnreachable(TeamsRLError):
     """``--address`` (or ``RAY_ADDRESS``) names a Ray cluster we cannot join."""
 
 
+_RAY_LOGS_KEY = "teams_rl.ray_session_logs"  # click context meta: set when we started Ray
+
+
 @contextmanager
 def _run_dir_held(cfg: TeamsRLConfig, command: str):
     """One run per run directory, taken before Ray starts: an unwritable directory or a
-    second run on it fails at once (the message names the holder's pid)."""
-    from rl_system.rundir import run_lock
+    second run on it fails at once (the message names the holder's pid).
 
-    with run_lock(cfg.run_dir, what=f"teams-rl {command}"):
-        yield
+    Yields the ``log`` the stages print with; the run's logs land in ``runs/<name>/logs/``
+    (``rl_system.runlog``), Ray's session logs copied there at the end, failed or not."""
+    from rl_system.rundir import run_lock
+    from rl_system.runlog import copy_ray_logs, run_logs
+
+    with run_lock(cfg.run_dir, what=f"teams-rl {command}"), run_logs(cfg.run_dir) as log:
+        try:
+            yield log
+        finally:
+            ctx = click.get_current_context(silent=True)
+            session_logs = ctx and ctx.meta.get(_RAY_LOGS_KEY)
+            if session_logs:
+                copy_ray_logs(cfg.run_dir, Path(session_logs))
 
 
 def _load(config_path: str | None, overrides: tuple[str, ...]) -> TeamsRLConfig:
@@ -117,13 +130,19 @@ def _init_ray(address: str | None) -> None:
     import ray
     from ray.exceptions import AuthenticationError
 
+    from rl_system.runlog import quiet_console
+
     # Under `ray job submit` the driver gets RAY_ADDRESS; it must join that cluster, and
     # Ray refuses resource arguments when joining one.
     address = address or os.environ.get("RAY_ADDRESS") or None  # "" means: start locally
     probed = bool(address) and _check_reachable(address)
     num_cpus = None if address else max(os.cpu_count() or 1, LOCAL_MIN_LOGICAL_CPUS)
+    verbose = _verbose()
+    quiet_console(verbose=verbose)  # ray.init's own INFO lines too
     try:
-        ray.init(address=address, num_cpus=num_cpus, log_to_driver=True)
+        # Workers' output (model loads, RLlib, Serve replicas) stays in the session logs
+        # (copied to the run directory) unless -v.
+        ray.init(address=address, num_cpus=num_cpus, log_to_driver=verbose)
     except AuthenticationError as exc:
         raise ClusterUnreachable(f"the Ray cluster at {address} refused us: {exc}") from None
     except ConnectionError as exc:
@@ -133,7 +152,11 @@ def _init_ray(address: str | None) -> None:
         raise ClusterUnreachable(
             f"cannot join the Ray cluster at {address}: {exc}{hint}"
         ) from None
-    _quiet_ray_data(_verbose())
+    _quiet_ray_data(verbose)
+    quiet_console(verbose=verbose)  # again: in case init reconfigured Ray's logging
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and not address:
+        ctx.meta[_RAY_LOGS_KEY] = ray._private.worker._global_node.get_logs_dir_path()
 
 
 def _quiet_ray_data(verbose: bool) -> None:
@@ -165,13 +188,17 @@ _TOKEN_HINT = (
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Debug logging, and Ray's own logs and progress bars on the console.")
 def main(verbose: bool) -> None:
     """TeaMs-RL on Ray: RL-guided instruction data, one SFT, no RLHF."""
+    from rl_system.runlog import quiet_model_loading
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    quiet_model_loading(verbose=verbose)  # before anything imports transformers or Ray
 
 
 @main.group()
@@ -248,10 +275,10 @@ def train_policy_command(
 
     cfg = _load(config_path, overrides)
     load_seed_instructions(cfg)  # bad or empty seeds fail here, before Ray starts
-    with _run_dir_held(cfg, "train-policy"):
+    with _run_dir_held(cfg, "train-policy") as log:
         _init_ray(address)
         _roles_up(cfg)
-        summaries = train_policy(cfg, log=click.echo)
+        summaries = train_policy(cfg, log=log)
     click.echo(f"policy: {len(summaries)} iterations run; outputs in {cfg.stage_dir('policy')}")
 
 
@@ -266,10 +293,10 @@ def build_dataset_command(
 
     cfg = _load(config_path, overrides)
     check_inputs(cfg)  # bad seeds or checkpoint fail here, before Ray starts
-    with _run_dir_held(cfg, "build-dataset"):
+    with _run_dir_held(cfg, "build-dataset") as log:
         _init_ray(address)
         _roles_up(cfg)
-        manifest = build_dataset(cfg, log=click.echo)
+        manifest = build_dataset(cfg, log=log)
     pairs = manifest["summary"]["pairs_written"]
     click.echo(f"dataset: {pairs} pairs in {cfg.stage_dir('dataset')}")
 
@@ -313,8 +340,8 @@ def evaluate_command(
     from train.report import evaluate_and_report
 
     cfg = _load(config_path, overrides)
-    with _run_dir_held(cfg, "evaluate"):
-        evaluate_and_report(cfg, compare=compare, force=force, log=click.echo)
+    with _run_dir_held(cfg, "evaluate") as log:
+        evaluate_and_report(cfg, compare=compare, force=force, log=log)
 
 
 @main.command("sft")
@@ -335,11 +362,11 @@ def sft_command(
 ) -> None:
     """Stage 3: supervised fine-tuning on Ray Train (FSDP or DDP)."""
     cfg = _load(config_path, overrides)
-    with _run_dir_held(cfg, "sft"):
+    with _run_dir_held(cfg, "sft") as log:
         _init_ray(address)
         from train.sft import run_sft
 
-        final = run_sft(cfg, dataset_path=dataset_path)
+        final = run_sft(cfg, dataset_path=dataset_path, log=log)
     click.echo(f"sft: Hugging Face model directory at {final}")
 
 
@@ -355,9 +382,9 @@ def pipeline_command(
 
     cfg = _load(config_path, overrides)
     load_seed_instructions(cfg)  # bad or empty seeds fail here, before Ray starts
-    with _run_dir_held(cfg, "pipeline"):
+    with _run_dir_held(cfg, "pipeline") as log:
         _init_ray(address)
-        run_pipeline(cfg, log=click.echo)
+        run_pipeline(cfg, log=log)
     click.echo(f"pipeline: done; report at {cfg.stage_dir('eval') / 'report.md'}")
 
 

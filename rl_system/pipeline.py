@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rl_system.config import TeamsRLConfig, save_resolved
-from rl_system.rundir import read_json, run_lock, write_json
+from rl_system.progress import Progress, summary_table
+from rl_system.rundir import read_json, read_jsonl, read_manifest, run_lock, write_json
 
 logger = logging.getLogger(__name__)
 Log = Callable[[str], None]
@@ -35,6 +36,7 @@ class Stage:
     needs_models: bool  # whether it calls the served roles
     is_done: Callable[[TeamsRLConfig], bool]
     run: Callable[[TeamsRLConfig, Log], object]
+    figures: Callable[[Path], dict]  # the end-of-run table's figures, read from its outputs
 
 
 def _policy_done(cfg: TeamsRLConfig) -> bool:
@@ -70,7 +72,7 @@ def _sft_done(cfg: TeamsRLConfig) -> bool:
 def _run_sft(cfg: TeamsRLConfig, log: Log):
     from train.sft import run_sft
 
-    final = run_sft(cfg)
+    final = run_sft(cfg, log=log)
     log(f"sft: model at {final}")
     return final
 
@@ -87,12 +89,72 @@ def _run_eval(cfg: TeamsRLConfig, log: Log):
     return evaluate_and_report(cfg, log=log)
 
 
+def _records(path: Path) -> list[dict]:
+    return read_jsonl(path) if path.exists() else []  # a stage that never ran
+
+
+def _policy_figures(stage_dir: Path) -> dict:
+    manifest, rows = read_manifest(stage_dir) or {}, _records(stage_dir / "metrics.jsonl")
+    last = rows[-1] if rows else {}
+    return {"iterations": manifest.get("iterations_done"),
+            "return": last.get("episode_return_mean"), "info_gain": last.get("info_gain"),
+            "eliminated": last.get("elimination_rate")}
+
+
+def _dataset_figures(stage_dir: Path) -> dict:
+    manifest = read_manifest(stage_dir) or {}
+    summary = manifest.get("summary") or {}
+    return {"pairs written": summary.get("pairs_written"),
+            "expert queries": manifest.get("expert_queries"),
+            "eliminations": sum((summary.get("eliminated") or {}).values()),
+            "seeds unfinished": summary.get("seeds_incomplete")}
+
+
+def _sft_figures(stage_dir: Path) -> dict:
+    rows = _records(stage_dir / "metrics.jsonl")
+    steps = [r for r in rows if r.get("event") == "step"]
+    evals = [r for r in rows if r.get("event") == "eval"]
+    return {"steps": steps[-1]["step"] if steps else None,
+            "final loss": steps[-1].get("loss") if steps else None,
+            "eval loss": evals[-1].get("eval_loss") if evals else None}
+
+
+def _eval_figures(stage_dir: Path) -> dict:
+    report = read_json(stage_dir / "report.json")
+    if not isinstance(report, dict):
+        return {}
+    run = stage_dir.parent.resolve().name
+    figures = {f"{task} acc": scores.get("acc")
+               for task, scores in (report.get("benchmarks") or {}).get(run, {}).items()}
+    attacks = ((report.get("privacy") or {}).get(run) or {}).get("attacks") or {}
+    figures |= {f"MIA {name} AUC": a.get("auc") for name, a in attacks.items()}
+    return figures
+
+
 STAGES: tuple[Stage, ...] = (
-    Stage("policy", needs_models=True, is_done=_policy_done, run=_run_policy),
-    Stage("dataset", needs_models=True, is_done=_dataset_done, run=_run_dataset),
-    Stage("sft", needs_models=False, is_done=_sft_done, run=_run_sft),
-    Stage("eval", needs_models=False, is_done=_eval_done, run=_run_eval),
+    Stage("policy", needs_models=True, is_done=_policy_done, run=_run_policy,
+          figures=_policy_figures),
+    Stage("dataset", needs_models=True, is_done=_dataset_done, run=_run_dataset,
+          figures=_dataset_figures),
+    Stage("sft", needs_models=False, is_done=_sft_done, run=_run_sft, figures=_sft_figures),
+    Stage("eval", needs_models=False, is_done=_eval_done, run=_run_eval,
+          figures=_eval_figures),
 )
+
+
+def stage_summary(cfg: TeamsRLConfig, timings: dict, ran: set[str]) -> str:
+    """The end-of-run table: per stage its wall time, whether it ran now or was already
+    done, and the key figures its outputs hold."""
+    rows = []
+    for stage in STAGES:
+        stage_dir = cfg.stage_dir(stage.name).resolve()
+        if stage.name == "policy" and cfg.dataset.strategy != "policy":
+            continue  # no policy is trained for this strategy
+        rows.append({"stage": stage.name, "wall_s": timings.get(stage.name),
+                     "status": "ran" if stage.name in ran else "reused",
+                     "figures": {k: v for k, v in stage.figures(stage_dir).items()
+                                 if v is not None}})
+    return summary_table(rows)
 
 
 def run_pipeline(cfg: TeamsRLConfig, *, log: Log = logger.info) -> dict:
@@ -109,7 +171,9 @@ def _run_pipeline(cfg: TeamsRLConfig, run_dir: Path, *, log: Log) -> dict:
         log(f"pipeline: already done for this config: {', '.join(done)}")
     if not pending:
         log(f"pipeline: nothing to do; outputs in {run_dir}")
-        return _read_state(run_dir).get("stage_wall_s", {})
+        timings = _read_state(run_dir).get("stage_wall_s", {})
+        log(stage_summary(cfg, timings, ran=set()))
+        return timings
     needs_models = any(s.needs_models for s in pending)
     from rl_system.placement import check_gpu_demands
 
@@ -124,7 +188,9 @@ def _run_pipeline(cfg: TeamsRLConfig, run_dir: Path, *, log: Log) -> dict:
 
         log("pipeline: reusing the running model roles" if is_deployed(cfg)
             else "pipeline: deploying the model roles ...")
-        ensure_deployed(cfg, holder=holder)
+        # Loading the models takes a minute or more on a laptop: the heartbeat says so.
+        with Progress("pipeline", total=None, unit="deploying the model roles", log=log):
+            ensure_deployed(cfg, holder=holder)
         leased = True
     from rl_system.metrics import maybe_pipeline_metrics
 
@@ -149,7 +215,7 @@ def _run_pipeline(cfg: TeamsRLConfig, run_dir: Path, *, log: Log) -> dict:
         log(f"pipeline: stage {stage.name} finished in {timings[stage.name]:.0f} s")
     if leased:
         leased = _release(cfg, holder, log)
-    log("pipeline: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    log(stage_summary(cfg, timings, ran={s.name for s in pending}))
     return timings
 
 

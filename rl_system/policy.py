@@ -31,6 +31,7 @@ from rl_system.placement import (  # noqa: F401 - InsufficientResources: raised 
     InsufficientResources,
     check_env_runner_cpus,
 )
+from rl_system.progress import Progress
 from rl_system.rundir import (
     COMPLETE,
     INCOMPLETE,
@@ -356,58 +357,68 @@ def _train_policy(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> list[Ite
         return []
 
     check_env_runner_cpus(cfg)
-    algo = algorithm_config(cfg, seeds).build_algo()
-    try:
-        if state["checkpoint"]:
-            restored = restore_newest_loadable(
-                algo, checkpoint_candidates(policy_dir, state["checkpoint"]), log=log)
-            done = _iteration_of(restored) if restored else 0
-            if restored is None:
-                log("policy: WARNING no checkpoint loads; starting from scratch")
-            else:
-                log(f"policy: resumed from {restored}")
-            state = {**state, "iterations_done": done,
-                     "checkpoint": str(restored) if restored else None}
-        gauges = vars(policy_metrics())
-        summaries = []
-        for iteration in range(state["iterations_done"] + 1, cfg.policy.iterations + 1):
-            started = time.monotonic()
-            result = algo.train()
-            summary = IterationSummary.from_result(
-                iteration, result, time.monotonic() - started
-            ).check_action_share(cfg.policy.max_action_share)
-            checkpoint = policy_dir / "checkpoints" / f"iter_{iteration:04d}"
-            algo.save_to_path(str(checkpoint))
-            # State first: a kill between the two loses one metrics line, never repeats an
-            # iteration on top of a checkpoint the state does not name.
-            _write_state(policy_dir, cfg, lineage=lineage, iterations_done=iteration,
-                         checkpoint=str(checkpoint))
-            append_jsonl(policy_dir / METRICS_FILE, summary.__dict__)
-            for key, gauge in gauges.items():
-                value = getattr(summary, key)
-                if value is not None:
-                    gauge.set(value)
-            log(
-                f"policy iter {iteration}/{cfg.policy.iterations}: "
-                f"return {_fmt(summary.episode_return_mean)}, info_gain {_fmt(summary.info_gain)}, "
-                f"eliminated {_fmt(summary.elimination_rate)}, "
-                f"queries/episode {_fmt(summary.queries_per_episode)}, {summary.time_s:.0f} s"
-            )
-            if summary.action_share_alert:
-                message = (
-                    f"policy iter {iteration}: action '{summary.dominant_action}' took "
-                    f"{summary.dominant_action_share:.2f} of the steps, above "
-                    f"policy.max_action_share={cfg.policy.max_action_share}: the policy is "
-                    "collapsing onto one action (check the reward: is it paying that action "
-                    "for noise?)"
-                )
-                logger.warning(message)
-                log(f"WARNING {message}")
-            summaries.append(summary)
-        return summaries
-    finally:
-        algo.stop()
+    # The heartbeat covers the build too: env runners and their model clients take a
+    # minute to start on a laptop.
+    with Progress("policy", total=cfg.policy.iterations, unit="iteration", log=log,
+                  start_done=state["iterations_done"]) as progress:
+        algo = algorithm_config(cfg, seeds).build_algo()
+        try:
+            state = _restore(algo, state, policy_dir, log=progress.note)
+            # The ETA counts iterations from here: building is no iteration's cost.
+            progress.count_rate_from(state["iterations_done"])
+            gauges = vars(policy_metrics())
+            return [_one_iteration(cfg, algo, iteration, policy_dir=policy_dir,
+                                   lineage=lineage, gauges=gauges, progress=progress)
+                    for iteration in range(state["iterations_done"] + 1,
+                                           cfg.policy.iterations + 1)]
+        finally:
+            algo.stop()
 
 
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
+def _restore(algo, state: dict, policy_dir: Path, *, log: Callable[[str], None]) -> dict:
+    """``state`` after restoring ``algo`` from its newest loadable checkpoint, if any."""
+    if not state["checkpoint"]:
+        return state
+    restored = restore_newest_loadable(
+        algo, checkpoint_candidates(policy_dir, state["checkpoint"]), log=log)
+    if restored is None:
+        log("policy: WARNING no checkpoint loads; starting from scratch")
+    else:
+        log(f"policy: resumed from {restored}")
+    return {**state, "iterations_done": _iteration_of(restored) if restored else 0,
+            "checkpoint": str(restored) if restored else None}
+
+
+def _one_iteration(cfg: TeamsRLConfig, algo, iteration: int, *, policy_dir: Path,
+                   lineage: str, gauges: dict, progress: Progress) -> IterationSummary:
+    started = time.monotonic()
+    result = algo.train()
+    summary = IterationSummary.from_result(
+        iteration, result, time.monotonic() - started
+    ).check_action_share(cfg.policy.max_action_share)
+    checkpoint = policy_dir / "checkpoints" / f"iter_{iteration:04d}"
+    algo.save_to_path(str(checkpoint))
+    # State first: a kill between the two loses one metrics line, never repeats an
+    # iteration on top of a checkpoint the state does not name.
+    _write_state(policy_dir, cfg, lineage=lineage, iterations_done=iteration,
+                 checkpoint=str(checkpoint))
+    append_jsonl(policy_dir / METRICS_FILE, summary.__dict__)
+    for key, gauge in gauges.items():
+        value = getattr(summary, key)
+        if value is not None:
+            gauge.set(value)
+    progress.update(iteration, force=True, **{
+        "return": summary.episode_return_mean, "info_gain": summary.info_gain,
+        "eliminated": summary.elimination_rate,
+        "queries/episode": summary.queries_per_episode})
+    if summary.action_share_alert:
+        message = (
+            f"policy iter {iteration}: action '{summary.dominant_action}' took "
+            f"{summary.dominant_action_share:.2f} of the steps, above "
+            f"policy.max_action_share={cfg.policy.max_action_share}: the policy is "
+            "collapsing onto one action (check the reward: is it paying that action "
+            "for noise?)"
+        )
+        logger.warning(message)
+        progress.note(f"WARNING {message}")
+    return summary

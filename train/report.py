@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from rl_system.config import EvalConfig, TeamsRLConfig
+from rl_system.progress import Progress
 from serve.errors import TeamsRLError
 
 LM_EVAL_FILE = "lm_eval.json"
@@ -180,15 +181,19 @@ def evaluate_run(
         log(f"evaluate {run_dir.name}: {', '.join(pending)} on {model_dir}"
             + (f" (a Ray task holding {cfg.num_gpus:g} GPU)" if cfg.num_gpus > 0 else ""))
         args = (str(run_dir.resolve()), cfg.model_dump(mode="json"), pending)
-        if cfg.num_gpus > 0:
-            import ray
+        # lm-eval runs minutes without a word: the heartbeat says it is alive.
+        with Progress(f"evaluate {run_dir.name}", total=len(pending), unit="parts",
+                      log=log) as progress:
+            if cfg.num_gpus > 0:
+                import ray
 
-            # One task owns the GPU for both lm-eval (its own child process inside the task)
-            # and membership inference: the driver never loads the model.
-            task = ray.remote(num_gpus=cfg.num_gpus, num_cpus=1)(_evaluate_parts)
-            produced = ray.get(task.remote(*args))
-        else:
-            produced = _evaluate_parts(*args, log=log)
+                # One task owns the GPU for both lm-eval (its own child process inside the
+                # task) and membership inference: the driver never loads the model.
+                task = ray.remote(num_gpus=cfg.num_gpus, num_cpus=1)(_evaluate_parts)
+                produced = ray.get(task.remote(*args))
+            else:
+                produced = _evaluate_parts(*args, log=progress.note)
+            progress.update(len(produced))
         for name, result in produced.items():
             result["fingerprint"] = wanted[name]
             write_json(eval_dir / name, result)

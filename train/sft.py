@@ -39,12 +39,16 @@ import json
 import logging
 import math
 import os
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from rl_system.config import ConfigError, SFTConfig, TeamsRLConfig
 from rl_system.placement import check_sft_workers
+from rl_system.progress import JsonlFollower, Progress
 from train.data import load_sft_datasets
 from train.recipe import FINAL_MARKER, TrainPlan, train_loop_per_worker
 
@@ -114,21 +118,24 @@ def sft_fingerprint(cfg: TeamsRLConfig, *, dataset_path: str | os.PathLike | Non
     return plan_key(cfg, files)
 
 
-def run_sft(cfg: TeamsRLConfig, *, dataset_path: str | os.PathLike | None = None) -> Path:
+def run_sft(cfg: TeamsRLConfig, *, dataset_path: str | os.PathLike | None = None,
+            log: Callable[[str], None] = logger.info) -> Path:
     """Fine-tune ``cfg.sft.base_model`` on the stage-2 records; return the final HF dir.
 
     ``dataset_path``: a parquet file or a directory of them (default: stage 2's
     ``runs/<name>/dataset/data/``). Raises ``SFTDataError`` (missing column, empty data),
     ``ConfigError`` (too little data for one step) or ``InsufficientResources`` (more
-    workers than the cluster can place) before any worker starts.
+    workers than the cluster can place) before any worker starts. ``log`` gets the
+    progress lines (step, loss, tokens/s, ETA), read from rank 0's ``metrics.jsonl``.
     """
     from rl_system.rundir import run_lock
 
     with run_lock(cfg.run_dir, what="teams-rl sft"):
-        return _run_sft(cfg, dataset_path=dataset_path)
+        return _run_sft(cfg, dataset_path=dataset_path, log=log)
 
 
-def _run_sft(cfg: TeamsRLConfig, *, dataset_path: str | os.PathLike | None) -> Path:
+def _run_sft(cfg: TeamsRLConfig, *, dataset_path: str | os.PathLike | None,
+             log: Callable[[str], None]) -> Path:
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -205,12 +212,49 @@ def _run_sft(cfg: TeamsRLConfig, *, dataset_path: str | os.PathLike | None) -> P
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    trainer.fit()  # raises TrainingFailedError once max_failures restarts are spent
+    with follow_steps(plan.metrics_path, total=total, log=log):
+        trainer.fit()  # raises TrainingFailedError once max_failures restarts are spent
     if not _final_matches(final, key):
         raise RuntimeError(f"sft finished but {final} was not written; see {plan.metrics_path}")
     write_manifest(stage, stage=STAGE, fingerprint=key, status=COMPLETE,
                    inputs=sft_inputs(cfg, files), final=str(final))
     return final
+
+
+@contextmanager
+def follow_steps(metrics_path: Path, *, total: int, log: Callable[[str], None],
+                 poll_s: float = 2.0) -> Iterator[Progress]:
+    """Progress lines from rank 0's ``step`` records while the block runs: the workers
+    write ``metrics.jsonl`` and the driver, which prints, follows it from its current end
+    (a resumed run appends; the first new step sets where the ETA counts from)."""
+    follower = JsonlFollower(metrics_path)
+    stop = threading.Event()
+    progress = Progress("sft", total=total, unit="step", log=log)
+
+    def apply(records: list[dict[str, Any]]) -> None:
+        for r in records:
+            if r.get("event") != "step":
+                continue
+            if progress.rate_started is None:
+                # The ETA counts from the first step: worker start-up and model load are
+                # not a step's cost, and on a resume earlier steps were not timed here.
+                progress.count_rate_from(int(r["step"]) - 1)
+            progress.update(int(r["step"]), loss=r.get("loss"),
+                            **{"tokens/s": round(r.get("tokens_per_s") or 0)})
+
+    def follow() -> None:
+        while not stop.wait(poll_s):
+            apply(follower.poll())
+
+    thread = threading.Thread(target=follow, daemon=True, name="sft-progress")
+    with progress:
+        thread.start()
+        try:
+            yield progress
+        finally:
+            stop.set()
+            thread.join(timeout=poll_s + 5)
+            apply(follower.poll())  # the last steps, written just before fit() returned
 
 
 def sft_is_done(cfg: TeamsRLConfig, *, dataset_path: str | os.PathLike | None = None) -> bool:

@@ -34,6 +34,7 @@ from rl_system.dataset.outputs import (
     pair_id,
     write_card,
 )
+from rl_system.progress import Progress
 from rl_system.reviewer import RULE_NAMES
 from rl_system.rundir import (
     COMPLETE,
@@ -179,20 +180,27 @@ def _build_dataset(cfg: TeamsRLConfig, *, log: Callable[[str], None]) -> dict:
     tally = SeedTally(total=len(seeds), max_failure_rate=cfg.dataset.max_failure_rate)
     metrics = _metrics()
     rows_iter = ds.iter_rows()
-    for row in rows_iter:
-        results.append(row)
-        tally.add(row)
-        seed_counts = row["counts"]
-        counts.update(seed_counts)
-        for role, u in row["usage"].items():
-            for k, v in u.items():
-                usage[role][k] += v
-        _record_metrics(metrics, strategy, seed_counts, row["usage"],
-                        incomplete=row["incomplete"], judge=cfg.policy.reward.judge)
-        if tally.too_many_failures and tally.done < tally.total:
-            # The role is down or overloaded: the remaining seeds would fail the same way.
-            tally.stop_early()
-            break
+    budget_text = cfg.dataset.max_expert_queries or "∞"
+    pairs_kept = 0  # answered pairs before dedupe
+    with Progress("dataset", total=len(seeds), unit="seeds", log=log) as progress:
+        for row in rows_iter:
+            results.append(row)
+            tally.add(row)
+            seed_counts = row["counts"]
+            counts.update(seed_counts)
+            for role, u in row["usage"].items():
+                for k, v in u.items():
+                    usage[role][k] += v
+            _record_metrics(metrics, strategy, seed_counts, row["usage"],
+                            incomplete=row["incomplete"], judge=cfg.policy.reward.judge)
+            pairs_kept += 0 if row["incomplete"] else len(row["candidates"])
+            progress.update(len(results), **{
+                "pairs kept": pairs_kept,
+                "expert queries": f"{usage['expert']['queries']}/{budget_text}"})
+            if tally.too_many_failures and tally.done < tally.total:
+                # The role is down or overloaded: the remaining seeds would fail the same way.
+                tally.stop_early()
+                break
     del rows_iter, ds  # stops the stage actors when the build stopped early
     results.sort(key=lambda r: r["seed_index"])
     if budget is not None:

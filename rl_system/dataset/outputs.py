@@ -266,7 +266,10 @@ def format_summary(manifest: dict) -> str:
              + " /".join(f"{n:>4}" for n in s.get("seeds_incomplete_by_cause", {}).values()),
              f"  {'evolutions tried':<44}{s['evolutions_tried']:>8}",
              f"  {'evolutions failed (model error)':<44}{s['evolutions_failed']:>8}"]
-    lines += [f"  {'eliminated: ' + rule:<44}{n:>8}" for rule, n in s["eliminated"].items()]
+    # The rules that fired (the manifest keeps every rule's count, zeros included).
+    fired = {rule: n for rule, n in s["eliminated"].items() if n}
+    lines += [f"  {'eliminated: ' + rule:<44}{n:>8}" for rule, n in fired.items()] or [
+        f"  {'eliminated (any rule)':<44}{0:>8}"]
     lines += [f"  {'responses failed':<44}{s['responses_failed']:>8}",
               f"  {'duplicates removed (exact / near)':<44}"
               f"{s['duplicates_exact']:>4} /{s['duplicates_near']:>2}",

@@ -45,3 +45,22 @@ def test_empty_build_says_why():
                "duplicates_exact": 0, "duplicates_near": 0}
     assert "eliminated 3" in empty_reason(summary)
     assert "next run" in empty_reason({**summary, "seeds_incomplete": 2})
+
+
+def test_the_build_table_lists_only_the_rules_that_fired():
+    from rl_system.dataset.outputs import format_summary
+
+    summary = {"seeds_read": 3, "seeds_skipped_bad": 0, "seeds_skipped_empty": 0,
+               "seeds_incomplete_by_cause": {"budget": 0, "failure": 0, "stopped": 0},
+               "evolutions_tried": 9, "evolutions_failed": 0, "responses_failed": 0,
+               "eliminated": {"too_short": 0, "template_copied": 4, "truncated": 3},
+               "duplicates_exact": 0, "duplicates_near": 0, "pairs_written": 1}
+    usage = {"expert": {"queries": 10, "cached": 0, "prompt_tokens": 5, "completion_tokens": 7,
+                        "failures": 0}}
+    manifest = {"strategy": "policy", "status": "complete", "summary": summary,
+                "queries": {"policy": usage}, "expert_queries_per_pair": 10.0}
+    table = format_summary(manifest)
+    assert "eliminated: template_copied" in table and "eliminated: truncated" in table
+    assert "too_short" not in table
+    none_fired = format_summary({**manifest, "summary": {**summary, "eliminated": {"x": 0}}})
+    assert "eliminated (any rule)" in none_fired and "eliminated: x" not in none_fired
