@@ -39,6 +39,7 @@ from rl_system.rundir import (
     RunMismatch,
     append_jsonl,
     fingerprint,
+    latest_checkpoint,  # noqa: F401 - part of this module's API (stage 1's output)
     read_manifest,
     run_lock,
     write_manifest,
@@ -325,11 +326,6 @@ def policy_is_done(cfg: TeamsRLConfig) -> bool:
         and state.get("fingerprint") == _lineage_hash(cfg)
         and state.get("iterations_done", 0) >= cfg.policy.iterations
     )
-
-
-def latest_checkpoint(cfg: TeamsRLConfig) -> Path | None:
-    state = _read_state(cfg.stage_dir("policy").resolve())
-    return Path(state["checkpoint"]) if state and state.get("checkpoint") else None
 
 
 def train_policy(

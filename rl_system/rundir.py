@@ -109,6 +109,12 @@ def read_manifest(stage_dir: str | os.PathLike) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) else None
 
 
+def latest_checkpoint(cfg) -> Path | None:
+    """The checkpoint stage 1's manifest names (``cfg``: a ``TeamsRLConfig``), or None."""
+    state = read_manifest(cfg.stage_dir("policy").resolve())
+    return Path(state["checkpoint"]) if state and state.get("checkpoint") else None
+
+
 def write_manifest(stage_dir: str | os.PathLike, *, stage: str, fingerprint: str, status: str,
                    inputs: dict[str, str | None] | None = None, **fields: Any) -> dict[str, Any]:
     manifest = {"stage": stage, "fingerprint": fingerprint, "status": status,

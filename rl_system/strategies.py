@@ -134,7 +134,7 @@ STRATEGIES: dict[str, Strategy] = {
 
 def resolve_policy_checkpoint(cfg: TeamsRLConfig) -> Path:
     """``dataset.policy_checkpoint``, else the latest checkpoint of this run's stage 1."""
-    from rl_system.policy import latest_checkpoint
+    from rl_system.rundir import latest_checkpoint
 
     if cfg.dataset.policy_checkpoint:
         path = Path(cfg.dataset.policy_checkpoint)
