@@ -228,7 +228,14 @@ def test_rerun_of_a_finished_run_does_nothing(jobs):
     assert jobs["rerun_status"] == "SUCCEEDED"
     text = jobs["rerun_logs"]
     assert "already done for this config: policy, dataset, sft, eval" in text
-    assert "pipeline: nothing to do" in text and "stage " not in text.split("nothing to do")[1]
+    assert "pipeline: nothing to do" in text
+    after = text.split("nothing to do")[1]
+    assert "pipeline: stage" not in after  # no stage started
+    # the end-of-run table lists every stage as reused, none as ran
+    rows = [line.split() for line in after.splitlines()
+            if line.split()[:1] and line.split()[0] in ("policy", "dataset", "sft", "eval")]
+    assert [r[0] for r in rows] == ["policy", "dataset", "sft", "eval"]
+    assert all("reused" in r and "ran" not in r for r in rows)
     assert "deploying the model roles" not in text
     assert jobs["requests_after_rerun"] == jobs["requests_before_rerun"]  # no model query
 
