@@ -80,6 +80,7 @@ class Progress:
         self.figures: dict[str, Any] = {}
         self.started = self.last_line = clock()
         self.rate_started: float | None = None  # None: the ETA counts from ``started``
+        self.unit_at: float | None = None  # when ``done`` last moved: the rate's end
         self._live_width = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -93,10 +94,10 @@ class Progress:
         terminal the live line is redrawn, off one a line is printed when ``interval_s``
         passed since the last."""
         with self._lock:
-            if done is not None:
-                self.done = done
-            self.figures.update(figures)
             now = self.clock()
+            if done is not None and done != self.done:
+                self.done, self.unit_at = done, now
+            self.figures.update(figures)
             final = self.total is not None and self.done >= self.total
             if self.tty and (force or final):
                 # A line to keep (and for the run's log file): printed, not drawn over.
@@ -111,7 +112,7 @@ class Progress:
         units of an earlier run) is no measure of what is left."""
         with self._lock:
             self.start_done = self.done = done
-            self.rate_started = self.clock()
+            self.rate_started, self.unit_at = self.clock(), None
 
     def note(self, message: str) -> None:
         """A line of its own (a warning, a resume) without tearing the live line."""
@@ -158,9 +159,14 @@ class Progress:
         else:  # a step without units (deploying): its name and the time only
             parts = [f"{self.stage}: {self.unit}" + (f" {self.done}" if self.done else "")]
         parts += [f"{k} {_fmt(v)}" for k, v in self.figures.items()]
-        rate_s = now - (self.started if self.rate_started is None else self.rate_started)
-        left = eta_s(done=self.done, total=self.total, elapsed_s=rate_s,
+        # The rate of the units finished so far, counted down since the last one finished
+        # (a heartbeat between units must not dilute the rate with the unit in progress).
+        rate_from = self.started if self.rate_started is None else self.rate_started
+        last_unit = now if self.unit_at is None else self.unit_at
+        left = eta_s(done=self.done, total=self.total, elapsed_s=last_unit - rate_from,
                      start_done=self.start_done)
+        if left is not None:
+            left = max(0.0, left - (now - last_unit))
         if left is not None and self.done < (self.total or 0):
             parts.append(f"ETA {format_duration(left)}")
         parts.append(format_duration(elapsed))

@@ -168,3 +168,17 @@ def test_a_step_without_units_shows_its_name_and_time():
     clock.t += 25
     progress.tick()
     assert lines == ["pipeline: deploying the model roles · 25 s"]
+
+
+def test_the_eta_counts_down_between_units():
+    # One unit of three took 10 s: 20 s left. A heartbeat 10 s later, with no new unit,
+    # has 10 s left, not the 40 s of a rate diluted by the time the next unit is taking.
+    clock = Clock()
+    progress, lines = _plain(clock, total=3)
+    clock.t += 10
+    progress.update(1, force=True)
+    assert lines == ["dataset: seeds 1/3 · ETA 20 s · 10 s"]
+    clock.t += 10
+    assert progress.line() == "dataset: seeds 1/3 · ETA 10 s · 20 s"
+    clock.t += 25  # late: the estimate stops at zero
+    assert progress.line() == "dataset: seeds 1/3 · ETA 0 s · 45 s"
