@@ -4,11 +4,13 @@ chat exports and the SFT example built from it; after ``breadth`` the input is g
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pyarrow.parquet as pq
 import pytest
 
+from rl_system.config import SeedColumns
 from rl_system.dataset import build_dataset
 from rl_system.tasks import task_text
 
@@ -41,15 +43,31 @@ SCRIPT = {
 
 @pytest.fixture(scope="module")
 def built(scripted_roles, tmp_path_factory):
+    """The seeds as users have them: a CSV with its own column names, mapped by
+    ``dataset.seed_columns`` (the inputs hold commas, quotes' worth of code and newlines)."""
     root = tmp_path_factory.mktemp("inputs")
-    seeds = root / "seeds.jsonl"
-    seeds.write_text("".join(json.dumps(s) + "\n" for s in SEEDS))
+    seeds = root / "seeds.csv"
+    with seeds.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["key", "prompt", "context"])
+        writer.writeheader()
+        writer.writerows({"key": s["id"], "prompt": s["instruction"],
+                          "context": s.get("input", "")} for s in SEEDS)
     with scripted_roles(
         "dsinputs", SCRIPT, f"run.dir={root / 'runs'}",
         "dataset.strategy=wizardlm", "dataset.wizardlm_rounds=4", f"dataset.seeds={seeds}",
+        "dataset.seed_columns={instruction: prompt, input: context, id: key}",
         "dataset.dedupe_threshold=1.0", "serve.batch_wait_timeout_s=0",
     ) as cfg:
         manifest = build_dataset(cfg)
+        # Alpaca's alpaca_data.json as it is (its own field names, an `output` we ignore)
+        alpaca = cfg.model_copy(deep=True)
+        alpaca.run.name, alpaca.dataset.seed_columns = "alpaca", SeedColumns()
+        alpaca.dataset.seeds = str(root / "alpaca_data.json")
+        alpaca.dataset.wizardlm_rounds = 1
+        (root / "alpaca_data.json").write_text(json.dumps(
+            [{"instruction": s["instruction"], "input": s.get("input", ""), "output": "-"}
+             for s in SEEDS[:2]]))
+        build_dataset(alpaca)
     return cfg, manifest
 
 
@@ -58,6 +76,9 @@ def test_every_output_carries_the_input_of_its_seed(built):
     assert manifest["status"] == "complete"
     out = cfg.stage_dir("dataset")
     rows = pq.read_table(out / "data").to_pylist()
+    # ids come from the CSV's key column; every seed with an input kept rows
+    assert {s["id"] for s in SEEDS if s.get("input")} <= {r["seed_id"] for r in rows}
+    assert {r["seed_id"] for r in rows} <= {s["id"] for s in SEEDS}
     inputs = {s["id"]: s.get("input", "") for s in SEEDS}
     with_input = [r for r in rows if inputs[r["seed_id"]]]
     assert any("breadth" in r["actions"] for r in with_input)  # both kinds of path occur
@@ -135,3 +156,15 @@ def test_the_build_loads_with_datasets_card_and_chat_in_the_hub_forms(built, tmp
         roles = [t["role"] for t in turns]
         assert set(roles) <= {"system", "user", "assistant"}
         assert roles[-1] == "assistant" and "user" in roles
+
+
+def test_alpaca_json_as_it_is_builds_a_dataset(built):
+    cfg, _ = built
+    out = cfg.run_dir.parent / "alpaca" / "dataset"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    rows = pq.read_table(out / "data").to_pylist()
+    seeds = {s["instruction"]: s.get("input", "") for s in SEEDS[:2]}
+    assert rows and {r["seed_instruction"] for r in rows} <= set(seeds)
+    for r in rows:  # one round: the input stays unless the round was breadth
+        assert r["input"] == ("" if "breadth" in r["actions"] else seeds[r["seed_instruction"]])
