@@ -76,10 +76,6 @@ class RewardConfig(ConfigSection):
     )
 
 
-ROLLIN_MODES = ("learner", "restart", "mixture")
-ROLLIN_GUIDES = ("llm", "wizardlm", "schedule", "checkpoint")
-
-
 class RollinConfig(ConfigSection):
     """Guided roll-in (RLGF, Chang et al. 2023; ``rl_system.rollin``): how an episode's first
     steps are chosen before the learner's roll-out takes over.

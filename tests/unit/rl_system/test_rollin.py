@@ -244,3 +244,13 @@ def test_the_learner_pipeline_clears_the_loss_mask_of_guide_steps(algorithm):
     # Per episode: 5 steps (guide, learner, guide, learner, guide) + RLlib's bootstrap slot.
     assert mask == [False, True, False, True, False, False] * 3
     env_runner.stop()
+
+
+def test_every_guide_the_config_accepts_is_in_the_catalogue_and_back():
+    import typing
+
+    from rl_system.config import RollinConfig
+    from rl_system.rollin import GUIDES
+
+    accepted = typing.get_args(RollinConfig.model_fields["guide"].annotation)
+    assert set(accepted) == set(GUIDES)
